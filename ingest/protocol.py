@@ -80,7 +80,9 @@ class Intents(enum.IntFlag):
     DIRECT_MESSAGE_POLLS = 1 << 25
 
 
-PRIVILEGED_INTENTS: Final = Intents.GUILD_MEMBERS | Intents.GUILD_PRESENCES | Intents.MESSAGE_CONTENT
+PRIVILEGED_INTENTS: Final = (
+    Intents.GUILD_MEMBERS | Intents.GUILD_PRESENCES | Intents.MESSAGE_CONTENT
+)
 
 # Names as the Developer Portal shows them, for the 4014 message.
 PRIVILEGED_INTENT_PORTAL_NAMES: Final[dict[Intents, str]] = {
@@ -132,11 +134,7 @@ _NEW_SESSION_CODES: Final = frozenset({CloseCode.INVALID_SEQ, CloseCode.SESSION_
 def classify_close(code: int | None, intents: int = 0) -> CloseRule:
     """Decide what a close code from Discord asks of us; ``None`` is a TCP drop."""
     if code == CloseCode.DISALLOWED_INTENTS:
-        wanted = [
-            name
-            for flag, name in PRIVILEGED_INTENT_PORTAL_NAMES.items()
-            if intents & flag
-        ]
+        wanted = [name for flag, name in PRIVILEGED_INTENT_PORTAL_NAMES.items() if intents & flag]
         which = ", ".join(wanted) if wanted else "the privileged intents you request"
         return CloseRule(
             Reconnect.FATAL,

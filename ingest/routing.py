@@ -26,13 +26,13 @@ class Route:
 
 @functools.cache
 def route_for(event: str) -> Route:
-    """The route of dispatch ``event`` (e.g. ``MESSAGE_CREATE``); unknown names get the generic model."""
+    """The route of dispatch ``event``; unknown event names get the generic model."""
     name = f"{TASK_PREFIX}{event}"
     return Route(event=event, task_name=name, queue=name, model=model_for(event))
 
 
 def event_of_task(task_name: str) -> str | None:
-    """``discord.MESSAGE_CREATE`` -> ``MESSAGE_CREATE``; None for tasks that are not event handlers."""
+    """``discord.MESSAGE_CREATE`` -> ``MESSAGE_CREATE``; None for other tasks."""
     if task_name.startswith(TASK_PREFIX) and task_name != DEAD_LETTER_TASK:
         event = task_name[len(TASK_PREFIX) :]
         return event if event.isupper() or "_" in event else None

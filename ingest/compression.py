@@ -1,0 +1,93 @@
+"""Transport decompression for the gateway: one context per connection, bounded output.
+
+Discord's ``zlib-stream`` sends one deflate stream per connection, each message ending with
+``00 00 ff ff``; a message may span frames. Output is inflated in bounded steps so a
+decompression bomb is refused before it can use the memory it asks for.
+"""
+
+from __future__ import annotations
+
+import enum
+import zlib
+from typing import Protocol
+
+from ingest.protocol import ZLIB_SUFFIX
+
+
+class Compression(enum.Enum):
+    NONE = "none"
+    ZLIB_STREAM = "zlib-stream"
+    ZSTD_STREAM = "zstd-stream"
+
+
+class DecompressionError(Exception):
+    """The stream is corrupt or a message is too large; the connection cannot continue."""
+
+
+class Inflater(Protocol):
+    def feed(self, frame: bytes) -> bytes | None:
+        """Return a whole decompressed message, or None while a message is still incomplete."""
+
+
+class ZlibStreamInflater:
+    def __init__(self, max_message_bytes: int, max_buffered_bytes: int) -> None:
+        self._inflate = zlib.decompressobj()
+        self._buffer = bytearray()
+        self._max_message = max_message_bytes
+        self._max_buffered = max_buffered_bytes
+
+    def feed(self, frame: bytes) -> bytes | None:
+        self._buffer += frame
+        if len(self._buffer) > self._max_buffered:
+            raise DecompressionError(f"compressed message exceeds {self._max_buffered} bytes")
+        if not self._buffer.endswith(ZLIB_SUFFIX):
+            return None
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        try:
+            # Inflate in bounded steps: a small frame must not be allowed to expand to GBs.
+            out = self._inflate.decompress(data, self._max_message + 1)
+            if len(out) > self._max_message or self._inflate.unconsumed_tail:
+                raise DecompressionError(f"decompressed message exceeds {self._max_message} bytes")
+        except zlib.error as exc:
+            raise DecompressionError(f"corrupt zlib stream: {exc}") from None
+        return out
+
+
+class ZstdStreamInflater:
+    def __init__(self, max_message_bytes: int, max_buffered_bytes: int) -> None:
+        import zstandard  # optional extra
+
+        self._inflate = zstandard.ZstdDecompressor().decompressobj()
+        self._max_message = max_message_bytes
+        self._max_buffered = max_buffered_bytes
+
+    def feed(self, frame: bytes) -> bytes | None:
+        # Discord flushes a zstd block per message, so each frame decodes to whole messages.
+        if len(frame) > self._max_buffered:
+            raise DecompressionError(f"compressed frame exceeds {self._max_buffered} bytes")
+        try:
+            out: bytes = self._inflate.decompress(frame)
+        except Exception as exc:  # noqa: BLE001 - zstandard.ZstdError; the module is optional
+            raise DecompressionError(f"corrupt zstd stream: {exc}") from None
+        if len(out) > self._max_message:
+            raise DecompressionError(f"decompressed message exceeds {self._max_message} bytes")
+        return out or None
+
+
+def zstd_available() -> bool:
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_inflater(
+    compression: Compression, max_message_bytes: int, max_buffered_bytes: int
+) -> Inflater | None:
+    if compression is Compression.ZLIB_STREAM:
+        return ZlibStreamInflater(max_message_bytes, max_buffered_bytes)
+    if compression is Compression.ZSTD_STREAM:
+        return ZstdStreamInflater(max_message_bytes, max_buffered_bytes)
+    return None

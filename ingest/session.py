@@ -1,0 +1,732 @@
+"""The sans-I/O Discord Gateway session: frames and ``now`` go in, frames and events come out.
+
+Nothing here awaits, sleeps or reads a clock. The shell feeds received frames and the time,
+drains ``data_to_send()`` and ``events_received()``, sleeps until ``next_deadline()`` and opens
+the connection ``next_connection()`` names. Misbehaviour of the peer never raises: it becomes a
+``Rejected`` event or a ``Close`` instruction.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import orjson
+
+from ingest.compression import Compression, DecompressionError, Inflater, make_inflater
+from ingest.errors import CommandRateLimited, FatalGatewayError, NotConnected, PayloadTooLarge
+from ingest.protocol import (
+    API_VERSION,
+    COMMAND_WINDOW_SECONDS,
+    COMMANDS_PER_WINDOW,
+    MAX_PAYLOAD_BYTES,
+    RESUMABLE_CLOSE,
+    CloseCode,
+    Opcode,
+    Reconnect,
+    classify_close,
+)
+
+# Full member lists (query "" and limit 0) may be asked once per guild per 30 s.
+GUILD_MEMBERS_INTERVAL: Final = 30.0
+# A connection must stay up this long before the reconnect backoff starts over.
+STABLE_CONNECTION_SECONDS: Final = 5.0
+# Discord sends HELLO at once; a connection that stays silent this long is given up.
+HELLO_TIMEOUT: Final = 20.0
+
+
+class State(enum.Enum):
+    DISCONNECTED = "disconnected"
+    AWAITING_HELLO = "awaiting_hello"
+    AWAITING_IDENTIFY = "awaiting_identify"  # HELLO seen; waiting for the identify scheduler
+    IDENTIFYING = "identifying"
+    RESUMING = "resuming"
+    CONNECTED = "connected"  # READY or RESUMED received
+    CLOSING = "closing"  # we asked the shell to close the socket
+    STOPPED = "stopped"
+    FATAL = "fatal"
+
+
+# ---------------------------------------------------------------------------------------------
+# What comes out of the core
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """An op 0 event, in sequence order; ``data`` is the parsed ``d``."""
+
+    event: str
+    sequence: int
+    data: Any
+    session_id: str | None
+    shard_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStarted:
+    session_id: str
+    resume_url: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionResumed:
+    session_id: str
+    sequence: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLost:
+    """Discord would not resume: events after ``committed_sequence`` may never arrive."""
+
+    session_id: str
+    committed_sequence: int | None
+    received_sequence: int | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatAcked:
+    latency: float
+
+
+@dataclass(frozen=True, slots=True)
+class IdentifyRequired:
+    """HELLO arrived and there is nothing to resume: ask the identify scheduler, then call
+    ``Session.identify``."""
+
+    shard_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A frame we could not use: kept for the dead-letter place with its reason."""
+
+    reason: str
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Instruction: close the socket with ``code`` now; the core already knows what comes next."""
+
+    code: int
+    reason: str
+    action: Reconnect
+
+
+@dataclass(frozen=True, slots=True)
+class Fatal:
+    error: FatalGatewayError
+
+
+Event = (
+    Dispatch
+    | SessionStarted
+    | SessionResumed
+    | SessionLost
+    | HeartbeatAcked
+    | IdentifyRequired
+    | Rejected
+    | Close
+    | Fatal
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectPlan:
+    url: str
+    delay: float
+    resume: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SessionState:
+    """What must survive a restart for Discord to replay what we missed."""
+
+    session_id: str
+    sequence: int | None
+    resume_url: str | None
+    shard_id: int = 0
+    shard_count: int = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    token: str = field(repr=False)
+    intents: int
+    gateway_url: str
+    shard_id: int = 0
+    shard_count: int = 1
+    compression: Compression = Compression.ZLIB_STREAM
+    large_threshold: int | None = None
+    presence: Mapping[str, Any] | None = None
+    properties: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "os": "linux",
+            "browser": "discord-ingest",
+            "device": "discord-ingest",
+        }
+    )
+    # With auto_commit every received sequence counts as done at once (in-process handlers);
+    # a broker pipeline turns it off and calls ``commit`` when the broker has accepted.
+    auto_commit: bool = True
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_frame_bytes: int = 16 * 1024 * 1024
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+
+    def __repr__(self) -> str:
+        return (
+            f"SessionConfig(token='[REDACTED]', intents={self.intents}, "
+            f"gateway_url={self.gateway_url!r}, shard=[{self.shard_id}, {self.shard_count}])"
+        )
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter; ``reset`` after a stable connection."""
+
+    def __init__(self, base: float, cap: float, rng: Callable[[], float]) -> None:
+        self.base = base
+        self.cap = cap
+        self.attempts = 0
+        self._rng = rng
+
+    def next_delay(self) -> float:
+        delay: float = self._rng() * min(self.cap, self.base * float(1 << self.attempts))
+        self.attempts = min(self.attempts + 1, 32)
+        return delay
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
+class SendBudget:
+    """Discord allows 120 commands per 60 s per connection; keep slots for heartbeats."""
+
+    def __init__(self, reserved: int) -> None:
+        self._sent: deque[float] = deque()
+        self.reserved = reserved
+
+    def _trim(self, now: float) -> None:
+        while self._sent and self._sent[0] <= now - COMMAND_WINDOW_SECONDS:
+            self._sent.popleft()
+
+    def retry_after(self, now: float, essential: bool) -> float:
+        """0 if a command may go now, else seconds until a slot frees."""
+        self._trim(now)
+        limit = COMMANDS_PER_WINDOW if essential else COMMANDS_PER_WINDOW - self.reserved
+        if len(self._sent) < limit:
+            return 0.0
+        oldest_blocking = self._sent[len(self._sent) - limit]
+        return oldest_blocking + COMMAND_WINDOW_SECONDS - now
+
+    def record(self, now: float) -> None:
+        self._sent.append(now)
+
+    def in_window(self, now: float) -> int:
+        self._trim(now)
+        return len(self._sent)
+
+    def clear(self) -> None:
+        self._sent.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# The session
+
+
+class Session:
+    def __init__(
+        self,
+        config: SessionConfig,
+        *,
+        resume_from: SessionState | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.config = config
+        self._rng = rng
+        self.state = State.DISCONNECTED
+        self._backoff = Backoff(config.backoff_base, config.backoff_cap, rng)
+        # Room for heartbeats (at Discord's ~41 s interval, 2 per minute) plus identify/resume
+        # and server-requested beats.
+        self._budget = SendBudget(reserved=5)
+        self._outbox: list[str] = []
+        self._events: list[Event] = []
+
+        self.session_id: str | None = None
+        self.resume_url: str | None = None
+        # Highest sequence received; highest handed to the owner in this session (a replay up to
+        # it is not handed over twice); highest the owner says is durable.
+        self.sequence: int | None = None
+        self._delivered = 0
+        self.committed_sequence: int | None = None
+        if resume_from is not None:
+            self.session_id = resume_from.session_id
+            self.resume_url = resume_from.resume_url
+            self.sequence = resume_from.sequence
+            self.committed_sequence = resume_from.sequence
+            self._delivered = resume_from.sequence or 0
+
+        self.heartbeat_interval: float | None = None
+        self.heartbeat_latency: float | None = None
+        self._next_heartbeat: float | None = None
+        self._last_heartbeat_sent: float | None = None
+        self._awaiting_ack = False
+        self._connected_at: float | None = None
+        self._pending_action: Reconnect | None = None
+        self._forced_delay: float | None = None
+        self._inflater: Inflater | None = None
+        self._member_requests: dict[int, float] = {}
+        self.fatal_error: FatalGatewayError | None = None
+        self._stopping = False
+        self._attempted = False
+        self._hello_deadline: float | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Session shard=[{self.config.shard_id}, {self.config.shard_count}] "
+            f"state={self.state.value} session_id={self.session_id!r} sequence={self.sequence} "
+            f"committed={self.committed_sequence}>"
+        )
+
+    # -- outboxes ------------------------------------------------------------------------------
+
+    def data_to_send(self) -> list[str]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def events_received(self) -> list[Event]:
+        out, self._events = self._events, []
+        return out
+
+    @property
+    def shard_id(self) -> int:
+        return self.config.shard_id
+
+    @property
+    def resumable(self) -> bool:
+        return self.session_id is not None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (State.STOPPED, State.FATAL)
+
+    def snapshot(self) -> SessionState | None:
+        """The persisted form: only the committed sequence, never one the broker lacks."""
+        if self.session_id is None:
+            return None
+        return SessionState(
+            session_id=self.session_id,
+            sequence=self.committed_sequence,
+            resume_url=self.resume_url,
+            shard_id=self.config.shard_id,
+            shard_count=self.config.shard_count,
+        )
+
+    # -- connection lifecycle ------------------------------------------------------------------
+
+    def next_connection(self, now: float) -> ConnectPlan | None:
+        """Where and when to connect next; None once stopped or fatal."""
+        if self.finished:
+            return None
+        if self.state is not State.DISCONNECTED:
+            raise RuntimeError(f"next_connection() while {self.state.value}: close first")
+        if self._forced_delay is not None:
+            delay, self._forced_delay = self._forced_delay, None
+        elif not self._attempted:
+            delay = 0.0  # the very first connection
+        else:
+            delay = self._backoff.next_delay()
+        resume = self.resumable
+        base = self.resume_url if resume and self.resume_url else self.config.gateway_url
+        return ConnectPlan(url=self._with_query(base), delay=delay, resume=resume)
+
+    def _with_query(self, url: str) -> str:
+        parts = urlsplit(url)
+        query = {"v": str(API_VERSION), "encoding": "json"}
+        if self.config.compression is not Compression.NONE:
+            query["compress"] = self.config.compression.value
+        return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", urlencode(query), ""))
+
+    def connection_made(self, now: float) -> None:
+        self.state = State.AWAITING_HELLO
+        self._attempted = True
+        self._budget.clear()
+        self._inflater = make_inflater(
+            self.config.compression, self.config.max_message_bytes, self.config.max_frame_bytes
+        )
+        self._next_heartbeat = None
+        self._last_heartbeat_sent = None
+        self._awaiting_ack = False
+        self._connected_at = None
+        self._pending_action = None
+        self._hello_deadline = now + HELLO_TIMEOUT
+
+    def connection_lost(self, code: int | None, now: float) -> None:
+        """The socket is gone: ``code`` is the peer's close code, None for a drop with no frame."""
+        self._attempted = True
+        if self.finished:
+            return
+        if self._connected_at is not None and now - self._connected_at >= STABLE_CONNECTION_SECONDS:
+            self._backoff.reset()
+        self._connected_at = None
+        self._next_heartbeat = None
+        self._inflater = None
+        if self.state is State.CLOSING and self._pending_action is not None:
+            action = self._pending_action
+            reason = "closed by us"
+        else:
+            rule = classify_close(code, self.config.intents)
+            action, reason = rule.action, rule.explanation
+        self._pending_action = None
+        if action is Reconnect.FATAL:
+            self._fail(FatalGatewayError(reason, close_code=code))
+            return
+        if self._stopping:
+            self.state = State.STOPPED
+            return
+        if action is Reconnect.NEW_SESSION:
+            self._forget_session(reason)
+        self.state = State.DISCONNECTED
+
+    def close(self, now: float, *, resumable: bool = True) -> None:
+        """Stop for good: a resumable close (non-1000) lets the next process resume."""
+        self._stopping = True
+        if self.state in (State.DISCONNECTED,):
+            self.state = State.STOPPED
+            return
+        if self.state is State.CLOSING or self.finished:
+            return
+        code = RESUMABLE_CLOSE if resumable else CloseCode.NORMAL
+        self._request_close(code, "shutting down", Reconnect.RESUME)
+
+    # -- inbound -------------------------------------------------------------------------------
+
+    def receive_frame(self, frame: bytes | str, now: float) -> None:
+        if self.state in (State.CLOSING, State.DISCONNECTED) or self.finished:
+            return
+        if isinstance(frame, str):
+            message: bytes = frame.encode()
+        elif self._inflater is not None:
+            try:
+                inflated = self._inflater.feed(frame)
+            except DecompressionError as exc:
+                self._events.append(Rejected(str(exc), bytes(frame[:4096])))
+                # The inflate context is broken: nothing later on this connection can be read.
+                self._request_close(RESUMABLE_CLOSE, "bad compressed stream", Reconnect.RESUME)
+                return
+            if inflated is None:
+                return
+            message = inflated
+        else:
+            message = bytes(frame)
+        if len(message) > self.config.max_message_bytes:
+            self._events.append(Rejected("message too large", message[:4096]))
+            return
+        try:
+            payload = orjson.loads(message)
+        except orjson.JSONDecodeError as exc:
+            self._events.append(Rejected(f"bad JSON: {exc}", message))
+            return
+        if not isinstance(payload, dict) or not isinstance(payload.get("op"), int):
+            self._events.append(Rejected("not a gateway payload (no integer op)", message))
+            return
+        self._receive_payload(payload, message, now)
+
+    def _receive_payload(self, payload: dict[str, Any], raw: bytes, now: float) -> None:
+        op = payload["op"]
+        match op:
+            case Opcode.DISPATCH:
+                self._on_dispatch(payload, raw, now)
+            case Opcode.HEARTBEAT:
+                # Discord asks for a beat now; answer at once, it does not move the schedule.
+                self._send_heartbeat(now)
+            case Opcode.HEARTBEAT_ACK:
+                self._awaiting_ack = False
+                if self._last_heartbeat_sent is not None:
+                    self.heartbeat_latency = now - self._last_heartbeat_sent
+                    self._events.append(HeartbeatAcked(self.heartbeat_latency))
+            case Opcode.HELLO:
+                self._on_hello(payload, raw, now)
+            case Opcode.RECONNECT:
+                self._request_close(
+                    RESUMABLE_CLOSE, "Discord asked to reconnect (op 7)", Reconnect.RESUME
+                )
+            case Opcode.INVALID_SESSION:
+                self._on_invalid_session(payload.get("d") is True)
+            case _:
+                self._events.append(Rejected(f"unknown opcode {op}", raw))
+
+    def _on_hello(self, payload: dict[str, Any], raw: bytes, now: float) -> None:
+        d = payload.get("d")
+        interval = d.get("heartbeat_interval") if isinstance(d, dict) else None
+        if not isinstance(interval, int | float) or isinstance(interval, bool) or interval <= 0:
+            self._events.append(Rejected("HELLO without a heartbeat_interval", raw))
+            self._request_close(RESUMABLE_CLOSE, "bad HELLO", Reconnect.RESUME)
+            return
+        if self.state is not State.AWAITING_HELLO:
+            self._events.append(Rejected("HELLO received twice", raw))
+            return
+        self.heartbeat_interval = interval / 1000.0
+        # Jitter the first beat so shards reconnecting together do not beat together.
+        self._next_heartbeat = now + self.heartbeat_interval * self._rng()
+        self._awaiting_ack = False
+        self._last_heartbeat_sent = None
+        if self.resumable:
+            self._send_resume(now)
+        else:
+            self.state = State.AWAITING_IDENTIFY
+            self._events.append(IdentifyRequired(self.config.shard_id))
+
+    def _on_dispatch(self, payload: dict[str, Any], raw: bytes, now: float) -> None:
+        event = payload.get("t")
+        sequence = payload.get("s")
+        if (
+            not isinstance(event, str)
+            or not isinstance(sequence, int)
+            or isinstance(sequence, bool)
+        ):
+            self._events.append(Rejected("dispatch without an event name or sequence", raw))
+            return
+        data = payload.get("d")
+        if event == "READY":
+            if not isinstance(data, dict) or not isinstance(data.get("session_id"), str):
+                self._events.append(Rejected("READY without a session_id", raw))
+                self._request_close(RESUMABLE_CLOSE, "bad READY", Reconnect.NEW_SESSION)
+                return
+            self.session_id = data["session_id"]
+            resume_url = data.get("resume_gateway_url")
+            self.resume_url = resume_url if isinstance(resume_url, str) else None
+            self.state = State.CONNECTED
+            self._connected_at = now
+            self._events.append(SessionStarted(self.session_id, self.resume_url))
+        elif event == "RESUMED":
+            self.state = State.CONNECTED
+            self._connected_at = now
+            if self.session_id is not None:
+                self._events.append(SessionResumed(self.session_id, self.sequence))
+        if self.sequence is None or sequence > self.sequence:
+            self.sequence = sequence
+        if sequence <= self._delivered:
+            # A replay of something the owner already holds (still in flight to the broker).
+            return
+        self._delivered = sequence
+        self._events.append(Dispatch(event, sequence, data, self.session_id, self.config.shard_id))
+        if self.config.auto_commit:
+            self.committed_sequence = sequence
+
+    def _on_invalid_session(self, resumable: bool) -> None:
+        if resumable and self.resumable:
+            self._request_close(
+                RESUMABLE_CLOSE, "invalid session, resumable (op 9)", Reconnect.RESUME
+            )
+            return
+        self._forget_session("Discord invalidated the session (op 9)")
+        # Discord asks for a 1-5 s wait before a fresh IDENTIFY.
+        self._forced_delay = 1.0 + 4.0 * self._rng()
+        self._request_close(RESUMABLE_CLOSE, "invalid session (op 9)", Reconnect.NEW_SESSION)
+
+    def _forget_session(self, reason: str) -> None:
+        if self.session_id is not None:
+            self._events.append(
+                SessionLost(self.session_id, self.committed_sequence, self.sequence, reason)
+            )
+        self.session_id = None
+        self.resume_url = None
+        self.sequence = None
+        self.committed_sequence = None
+        self._delivered = 0
+
+    # -- timers --------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        if self.state is State.AWAITING_HELLO:
+            return self._hello_deadline
+        if self.state in (State.CLOSING, State.DISCONNECTED) or self.finished:
+            return None
+        return self._next_heartbeat
+
+    def tick(self, now: float) -> None:
+        if self.state is State.AWAITING_HELLO:
+            if self._hello_deadline is not None and now >= self._hello_deadline:
+                self._request_close(RESUMABLE_CLOSE, "no HELLO from Discord", Reconnect.RESUME)
+            return
+        if self._next_heartbeat is None or now < self._next_heartbeat:
+            return
+        if self.state in (State.CLOSING, State.DISCONNECTED) or self.finished:
+            return
+        if self._awaiting_ack:
+            # No ACK since our last beat: the connection is a zombie.
+            self._request_close(
+                RESUMABLE_CLOSE, "no heartbeat ACK (zombie connection)", Reconnect.RESUME
+            )
+            return
+        self._send_heartbeat(now)
+        assert self.heartbeat_interval is not None
+        self._next_heartbeat = now + self.heartbeat_interval
+
+    # -- outbound ------------------------------------------------------------------------------
+
+    def identify(self, now: float) -> None:
+        """Send IDENTIFY; call after ``IdentifyRequired`` once the scheduler allows it."""
+        if self.state is not State.AWAITING_IDENTIFY:
+            return
+        d: dict[str, Any] = {
+            "token": self.config.token,
+            "intents": self.config.intents,
+            "properties": dict(self.config.properties),
+            "compress": False,
+        }
+        if self.config.shard_count > 1 or self.config.shard_id:
+            d["shard"] = [self.config.shard_id, self.config.shard_count]
+        if self.config.large_threshold is not None:
+            d["large_threshold"] = self.config.large_threshold
+        if self.config.presence is not None:
+            d["presence"] = dict(self.config.presence)
+        self._enqueue(Opcode.IDENTIFY, d, now, essential=True)
+        self.state = State.IDENTIFYING
+
+    def _send_resume(self, now: float) -> None:
+        d = {
+            "token": self.config.token,
+            "session_id": self.session_id,
+            "seq": self.committed_sequence,
+        }
+        self._enqueue(Opcode.RESUME, d, now, essential=True)
+        self.state = State.RESUMING
+
+    def _send_heartbeat(self, now: float) -> None:
+        # The committed sequence, never one the broker may not have (see README: delivery).
+        self._enqueue(Opcode.HEARTBEAT, self.committed_sequence, now, essential=True)
+        self._last_heartbeat_sent = now
+        self._awaiting_ack = True
+
+    def send(self, op: int, d: Any, now: float) -> None:
+        """Queue a command from the application; raises instead of breaking Discord's limits."""
+        if self.state is not State.CONNECTED:
+            raise NotConnected(f"cannot send op {op}: session is {self.state.value}")
+        self._enqueue(op, d, now, essential=False)
+
+    def _enqueue(self, op: int, d: Any, now: float, *, essential: bool) -> None:
+        text = orjson.dumps({"op": int(op), "d": d}).decode()
+        if len(text.encode()) > MAX_PAYLOAD_BYTES:
+            raise PayloadTooLarge(
+                f"op {op} payload is {len(text.encode())} bytes; Discord allows {MAX_PAYLOAD_BYTES}"
+            )
+        wait = self._budget.retry_after(now, essential)
+        if wait > 0 and not essential:
+            raise CommandRateLimited(
+                f"120 commands per 60 s: op {op} may be sent in {wait:.1f} s", wait
+            )
+        self._budget.record(now)
+        self._outbox.append(text)
+
+    def send_retry_after(self, now: float) -> float:
+        return self._budget.retry_after(now, essential=False)
+
+    def update_presence(
+        self,
+        now: float,
+        *,
+        status: str = "online",
+        activities: Sequence[Mapping[str, Any]] = (),
+        afk: bool = False,
+        since: int | None = None,
+    ) -> None:
+        d = {
+            "since": since,
+            "activities": [dict(a) for a in activities],
+            "status": status,
+            "afk": afk,
+        }
+        self.send(Opcode.PRESENCE_UPDATE, d, now)
+
+    def update_voice_state(
+        self,
+        now: float,
+        *,
+        guild_id: int,
+        channel_id: int | None,
+        self_mute: bool = False,
+        self_deaf: bool = False,
+    ) -> None:
+        d = {
+            "guild_id": str(guild_id),
+            "channel_id": None if channel_id is None else str(channel_id),
+            "self_mute": self_mute,
+            "self_deaf": self_deaf,
+        }
+        self.send(Opcode.VOICE_STATE_UPDATE, d, now)
+
+    def request_guild_members(
+        self,
+        now: float,
+        *,
+        guild_id: int,
+        query: str | None = "",
+        limit: int = 0,
+        presences: bool = False,
+        user_ids: Sequence[int] | None = None,
+        nonce: str | None = None,
+    ) -> None:
+        full_list = user_ids is None and query == "" and limit == 0
+        if full_list:
+            last = self._member_requests.get(guild_id)
+            if last is not None and now - last < GUILD_MEMBERS_INTERVAL:
+                wait = GUILD_MEMBERS_INTERVAL - (now - last)
+                raise CommandRateLimited(
+                    f"full member list of guild {guild_id} may be requested again in {wait:.1f} s",
+                    wait,
+                )
+        d: dict[str, Any] = {"guild_id": str(guild_id), "limit": limit, "presences": presences}
+        if user_ids is not None:
+            d["user_ids"] = [str(u) for u in user_ids]
+        else:
+            d["query"] = query
+        if nonce is not None:
+            d["nonce"] = nonce
+        self.send(Opcode.REQUEST_GUILD_MEMBERS, d, now)
+        if full_list:
+            self._member_requests[guild_id] = now
+
+    # -- commits from the owner ----------------------------------------------------------------
+
+    def commit(self, sequence: int, session_id: str | None) -> None:
+        """Everything up to ``sequence`` of ``session_id`` is durable (the broker accepted it)."""
+        if session_id != self.session_id or session_id is None:
+            return  # a late commit for a session Discord has since replaced
+        if self.committed_sequence is None or sequence > self.committed_sequence:
+            self.committed_sequence = sequence
+
+    def discard_uncommitted(self) -> None:
+        """The owner dropped events it held; let a replay hand them over again."""
+        self._delivered = self.committed_sequence or 0
+
+    def reconnect(self, reason: str) -> None:
+        """The owner wants a fresh connection that resumes (e.g. after a broker outage)."""
+        if self.state in (State.DISCONNECTED, State.CLOSING) or self.finished:
+            return
+        self._request_close(RESUMABLE_CLOSE, reason, Reconnect.RESUME)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _request_close(self, code: int, reason: str, action: Reconnect) -> None:
+        if self.state is State.CLOSING or self.finished:
+            return
+        self.state = State.CLOSING
+        self._pending_action = action
+        self._events.append(Close(code, reason, action))
+
+    def _fail(self, error: FatalGatewayError) -> None:
+        self.state = State.FATAL
+        self.fatal_error = error
+        self._events.append(Fatal(error))
