@@ -1,0 +1,51 @@
+"""Celery settings for ``celery -A tasks worker`` (flat, lowercase, read by config_from_object).
+
+The broker comes from the environment like the gateway's: CELERY_BROKER_URL, then REDIS_URL,
+then the embedded Redis both processes share. Set CELERY_TASK_ALWAYS_EAGER=1 in tests.
+"""
+
+import os
+
+from ingest.brokers import broker_url_from_env
+
+task_always_eager = os.environ.get("CELERY_TASK_ALWAYS_EAGER", "").lower() in {"1", "true", "yes"}
+task_eager_propagates = task_always_eager
+
+# Eager runs never touch a broker: don't start the embedded one just to import this module.
+broker_url = "memory://" if task_always_eager else broker_url_from_env(os.environ)
+broker_connection_retry_on_startup = True
+
+# The gateway writes JSON only; refusing pickle keeps a bad message from running code.
+accept_content = ["json"]
+task_serializer = "json"
+
+# Handlers return nothing anyone waits for.
+result_backend = None
+task_ignore_result = True
+
+# Also set on EventTask; repeated here for tasks that are not event handlers.
+task_acks_late = True
+task_reject_on_worker_lost = True
+
+broker_transport_options = {
+    # Redis only: an unacked message returns to its queue after this long. It must exceed the
+    # longest handler run (plus its ETA, if any), or a slow handler's event runs twice.
+    # One hour leaves room for handlers that take minutes; lower it only with short handlers.
+    "visibility_timeout": 3600,
+    "socket_timeout": 10,
+    "socket_connect_timeout": 10,
+    "socket_keepalive": True,
+    "retry_on_timeout": False,
+}
+
+# With acks_late each prefetched message is held unacked; keep few per process so a lost
+# worker returns little, while still hiding the broker round trip.
+worker_prefetch_multiplier = 4
+
+# Heroku sends SIGTERM with 30 s to go; with REMAP_SIGTERM=SIGQUIT the worker gets a soft
+# shutdown: running handlers get this long to finish, then their messages are requeued.
+worker_soft_shutdown_timeout = 20.0
+worker_enable_soft_shutdown_on_idle = True
+
+worker_hijack_root_logger = True
+worker_redirect_stdouts = True

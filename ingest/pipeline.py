@@ -1,0 +1,290 @@
+"""From dispatch to broker: validate, build the task message, publish in batches, then commit.
+
+A sequence counts as done only when the broker has accepted its task (or it needed none), in
+arrival order, so the committed sequence a shard heartbeats and resumes from is always durable.
+During a broker outage events wait in a bounded buffer; past the bound (or the time limit) the
+buffer is dropped, the sessions close resumably, and Discord replays once the broker is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import orjson
+from pydantic import ValidationError
+
+from ingest.errors import BrokerUnavailable
+from ingest.gateway import Gateway
+from ingest.messages import TaskMessage, build_dead_letter_message, build_event_message
+from ingest.metrics import Metrics
+from ingest.models import validate_event
+from ingest.publish import Publisher
+from ingest.routing import DEAD_LETTER_TASK
+from ingest.session import Dispatch, Rejected
+from ingest.store import SessionStore
+
+log = logging.getLogger("ingest.publisher")
+
+
+@dataclass(slots=True)
+class _Entry:
+    gateway: Gateway
+    session_id: str | None
+    sequence: int | None
+    event: str
+    message: TaskMessage | None  # None: nothing to publish, only a sequence to pass
+    received_at: float
+
+
+class Pipeline:
+    def __init__(
+        self,
+        publisher: Publisher,
+        *,
+        subscribed: frozenset[str] | None,
+        store: SessionStore | None = None,
+        metrics: Metrics | None = None,
+        batch_size: int = 500,
+        linger_seconds: float = 0.002,
+        max_buffered_events: int = 100_000,
+        max_outage_seconds: float = 30.0,
+        save_interval: float = 0.2,
+    ) -> None:
+        self.publisher = publisher
+        self.subscribed = subscribed  # None: publish every event type
+        self.store = store
+        self.metrics = metrics or Metrics()
+        self.batch_size = batch_size
+        self.linger = linger_seconds
+        self.max_buffered = max_buffered_events
+        self.max_outage = max_outage_seconds
+        self.save_interval = save_interval
+        self._queue: deque[_Entry] = deque()
+        # Entries per gateway still waiting: a dropped event may commit at once only when
+        # nothing before it on its shard is still unpublished.
+        self._waiting: dict[int, int] = {}
+        self._wakeup = asyncio.Event()
+        self._healthy = asyncio.Event()
+        self._healthy.set()
+        self._gateways: list[Gateway] = []
+        self._dirty: set[int] = set()
+        self._last_save = 0.0
+        self._outage_since: float | None = None
+        self._stopping = False
+
+    # -- wiring --------------------------------------------------------------------------------
+
+    def attach(self, gateway: Gateway) -> None:
+        self._gateways.append(gateway)
+
+    async def wait_until_healthy(self) -> None:
+        """The gateways' connect gate: no (re)connect while the broker refuses events."""
+        await self._healthy.wait()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._queue)
+
+    # -- the gateway side (synchronous, on the reader's path) ----------------------------------
+
+    def accept(self, gateway: Gateway, dispatch: Dispatch) -> None:
+        now = time.monotonic()
+        event = dispatch.event
+        self.metrics.received(event)
+        message: TaskMessage | None = None
+        if self.subscribed is not None and event not in self.subscribed:
+            self.metrics.dropped(event)
+        else:
+            session_id = dispatch.session_id or ""
+            try:
+                validate_event(event, dispatch.data)
+            except ValidationError as exc:
+                reason = f"{event} failed validation: " + "; ".join(
+                    f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                    for err in exc.errors(include_url=False)
+                )
+                log.warning(
+                    "shard %d seq %d: %s", dispatch.shard_id, dispatch.sequence, reason[:500]
+                )
+                self.metrics.invalid(event)
+                message = build_dead_letter_message(
+                    reason=reason,
+                    raw=orjson.dumps(dispatch.data),
+                    event=event,
+                    shard_id=dispatch.shard_id,
+                    sequence=dispatch.sequence,
+                    session_id=session_id,
+                )
+            else:
+                message = build_event_message(
+                    event,
+                    orjson.dumps(dispatch.data),
+                    shard_id=dispatch.shard_id,
+                    sequence=dispatch.sequence,
+                    session_id=session_id,
+                )
+        key = id(gateway)
+        if message is None and not self._waiting.get(key):
+            # Nothing of this shard is in flight: an unwanted event is done at once.
+            gateway.commit(dispatch.sequence, dispatch.session_id)
+            self._dirty.add(key)
+            return
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        self._queue.append(
+            _Entry(gateway, dispatch.session_id, dispatch.sequence, event, message, now)
+        )
+        if len(self._queue) >= self.max_buffered:
+            self._shed(f"{len(self._queue)} events buffered (INGEST_MAX_BUFFERED_EVENTS)")
+        elif len(self._queue) >= self.batch_size or not self._wakeup.is_set():
+            self._wakeup.set()
+
+    def reject(self, gateway: Gateway, rejected: Rejected) -> None:
+        """A frame the session could not read: keep it in the dead-letter queue, counted."""
+        self.metrics.invalid("(frame)")
+        message = build_dead_letter_message(
+            reason=rejected.reason,
+            raw=rejected.raw,
+            event=None,
+            shard_id=gateway.shard_id,
+            sequence=None,
+            session_id=gateway.session_id or "",
+        )
+        key = id(gateway)
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        self._queue.append(_Entry(gateway, None, None, "(frame)", message, time.monotonic()))
+        self._wakeup.set()
+
+    def _shed(self, why: str) -> None:
+        """Give up what we hold: close the sessions resumably; Discord will replay it."""
+        dropped = len(self._queue)
+        log.error(
+            "broker outage: %s; dropping %d uncommitted events and closing sessions "
+            "resumably until the broker answers",
+            why,
+            dropped,
+        )
+        self.metrics.shed(dropped)
+        self._queue.clear()
+        self._waiting.clear()
+        self._healthy.clear()
+        for gateway in self._gateways:
+            gateway.close_for_outage()
+
+    # -- the broker side -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Publish until ``drain()``; never raises for a broker problem."""
+        delay = 0.05
+        while True:
+            if not self._queue:
+                if self._stopping:
+                    return
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), self.save_interval)
+                await self._save_if_due()
+                if not self._healthy.is_set():
+                    await self._probe()
+                continue
+            if self.linger and len(self._queue) < self.batch_size and not self._stopping:
+                await asyncio.sleep(self.linger)
+            batch = [self._queue[i] for i in range(min(self.batch_size, len(self._queue)))]
+            messages = [e.message for e in batch if e.message is not None]
+            started = time.monotonic()
+            try:
+                await self.publisher.publish(messages)
+            except BrokerUnavailable as exc:
+                self._on_outage(exc)
+                outage = self._outage_since
+                if self._stopping and outage is not None and time.monotonic() - outage > 5:
+                    log.error("shutting down with the broker down; Discord will replay")
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.05
+            self._on_published(batch, len(messages), started)
+            await self._save_if_due()
+
+    def _on_outage(self, exc: BrokerUnavailable) -> None:
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
+            log.error("broker not accepting events (%s); buffering", exc)
+            self.metrics.broker_up(False)
+        elif now - self._outage_since > self.max_outage and self._queue:
+            self._shed(f"broker down for {now - self._outage_since:.0f} s")
+
+    async def _probe(self) -> None:
+        if await self.publisher.ping():
+            log.info("broker answering again; sessions will resume")
+            self._outage_since = None
+            self.metrics.broker_up(True)
+            self._healthy.set()
+
+    def _on_published(self, batch: list[_Entry], published: int, started: float) -> None:
+        now = time.monotonic()
+        if self._outage_since is not None:
+            log.info("broker accepting events again")
+            self._outage_since = None
+            self.metrics.broker_up(True)
+            self._healthy.set()
+        # The batch may have been shed meanwhile (an outage bound hit while we awaited).
+        if not self._queue or self._queue[0] is not batch[0]:
+            return
+        latest: dict[int, _Entry] = {}
+        for entry in batch:
+            self._queue.popleft()
+            key = id(entry.gateway)
+            self._waiting[key] -= 1
+            if entry.sequence is not None:
+                latest[key] = entry
+            if entry.message is not None and entry.message.task_name != DEAD_LETTER_TASK:
+                self.metrics.published(entry.event, now - entry.received_at)
+        for key, entry in latest.items():
+            assert entry.sequence is not None
+            entry.gateway.commit(entry.sequence, entry.session_id)
+            self._dirty.add(key)
+        self.metrics.batch(published, now - started)
+
+    async def _save_if_due(self, force: bool = False) -> None:
+        if self.store is None or not self._dirty:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_save < self.save_interval:
+            return
+        states = [
+            state
+            for gateway in self._gateways
+            if id(gateway) in self._dirty and (state := gateway.session.snapshot()) is not None
+        ]
+        try:
+            await self.store.save(states)
+        except Exception as exc:  # noqa: BLE001 - a store hiccup must not stop publishing
+            log.warning("could not persist sessions: %r", exc)
+            return
+        self._dirty.clear()
+        self._last_save = now
+
+    async def drain(self, timeout: float) -> None:
+        """Publish what is held (bounded by ``timeout``), then persist the sessions."""
+        self._stopping = True
+        self._wakeup.set()
+        deadline = time.monotonic() + timeout
+        while self._queue and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._queue:
+            log.warning(
+                "stopping with %d events unpublished; Discord will replay them", len(self._queue)
+            )
+        self._dirty.update(id(g) for g in self._gateways)
+        await self._save_if_due(force=True)
+
+    def gateways(self) -> Iterable[Gateway]:
+        return tuple(self._gateways)

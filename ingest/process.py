@@ -1,0 +1,253 @@
+"""The gateway process: shards of one bot, one pipeline into the broker, clean SIGTERM.
+
+``python -m ingest`` builds this from the environment. It loads the same Celery app the workers
+load, so it publishes exactly the event types some handler wants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+import sys
+from typing import Any
+
+from ingest.config import Config
+from ingest.errors import BrokerUnavailable, ConfigError, FatalGatewayError
+from ingest.gateway import Gateway
+from ingest.identify import IdentifyScheduler, LocalIdentifyScheduler, RedisIdentifyScheduler
+from ingest.metrics import Metrics, serve_metrics
+from ingest.pipeline import Pipeline
+from ingest.publish import Publisher, publisher_for
+from ingest.rest import RestError, fetch_gateway_bot
+from ingest.routing import DEAD_LETTER_QUEUE, route_for
+from ingest.session import Event, SessionLost, SessionResumed, SessionStarted
+from ingest.store import SessionStore, store_for
+
+log = logging.getLogger("ingest.process")
+
+# Heroku sends SIGKILL 30 s after SIGTERM; finish well inside it.
+SHUTDOWN_BUDGET_SECONDS = 20.0
+REDIS_SCHEMES = ("redis", "rediss", "redis+socket", "unix", "socket")
+
+
+def load_celery_app(module_name: str) -> Any:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"INGEST_CELERY_APP={module_name!r} cannot be imported ({exc}); run from the "
+            "project directory or set INGEST_CELERY_APP"
+        ) from None
+    app = getattr(module, "app", None) or getattr(module, "celery", None)
+    if app is None:
+        raise ConfigError(f"INGEST_CELERY_APP={module_name!r} has no Celery `app`")
+    return app
+
+
+class GatewayProcess:
+    def __init__(self, config: Config, *, publisher: Publisher | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self._publisher = publisher
+        self.gateways: list[Gateway] = []
+        self.pipeline: Pipeline | None = None
+        self.store: SessionStore | None = None
+        self._shutdown = asyncio.Event()
+        self._ready: set[int] = set()
+        self.shard_count = 1
+        self.metrics_port: int | None = None
+
+    def request_shutdown(self) -> None:
+        log.info("shutdown requested")
+        self._shutdown.set()
+
+    async def run(self) -> None:
+        config = self.config
+        from ingest.handlers import subscribed_events
+
+        app = load_celery_app(config.celery_app)
+        subscribed = frozenset(subscribed_events(app)) | config.extra_events
+        if not subscribed:
+            log.warning("no handlers found in %s: every event will be dropped", config.celery_app)
+        log.info("publishing %d event types: %s", len(subscribed), ", ".join(sorted(subscribed)))
+
+        max_concurrency = 1
+        if config.gateway_url is not None:
+            gateway_url = config.gateway_url
+            shard_count = config.shard_count or 1
+        else:
+            try:
+                bot = await fetch_gateway_bot(config.api_url, config.token)
+            except RestError as exc:
+                raise FatalGatewayError(f"cannot reach Discord's API: {exc}") from None
+            gateway_url = bot.url
+            shard_count = config.shard_count or bot.shards
+            max_concurrency = bot.session_start_limit.max_concurrency
+            self.metrics.identify_budget_remaining = bot.session_start_limit.remaining
+        self.shard_count = shard_count
+        shard_ids = config.shard_ids or tuple(range(shard_count))
+        if max(shard_ids) >= shard_count:
+            raise ConfigError(
+                f"DISCORD_SHARD_IDS names shard {max(shard_ids)} but there are {shard_count} "
+                "shards: set DISCORD_SHARD_COUNT or fix DISCORD_SHARD_IDS"
+            )
+
+        publisher = self._publisher or publisher_for(config.broker_url, app)
+        await self._connect_publisher(publisher)
+        await publisher.declare(
+            [route_for(e).queue for e in sorted(subscribed)] + [DEAD_LETTER_QUEUE]
+        )
+        self.store = store_for(config.state_url, config.broker_url, config.data_dir)
+        self.pipeline = pipeline = Pipeline(
+            publisher,
+            subscribed=subscribed,
+            store=self.store,
+            metrics=self.metrics,
+            batch_size=config.batch_size,
+            linger_seconds=config.linger_seconds,
+            max_buffered_events=config.max_buffered_events,
+            max_outage_seconds=config.max_outage_seconds,
+        )
+        scheduler = self._identify_scheduler(max_concurrency)
+        for shard_id in shard_ids:
+            resume_from = await self.store.load(shard_id, shard_count)
+            if resume_from is not None:
+                log.info(
+                    "shard %d will resume session %s from sequence %s",
+                    shard_id,
+                    resume_from.session_id,
+                    resume_from.sequence,
+                )
+            gateway = Gateway(
+                config.token,
+                config.intents,
+                gateway_url,
+                shard_id=shard_id,
+                shard_count=shard_count,
+                compression=config.compression,
+                resume_from=resume_from,
+                identify_scheduler=scheduler,
+                on_dispatch=pipeline.accept,
+                on_rejected=pipeline.reject,
+                on_lifecycle=self._on_lifecycle,
+                connect_gate=pipeline.wait_until_healthy,
+            )
+            pipeline.attach(gateway)
+            self.gateways.append(gateway)
+        self.metrics.shard_readers.append(self._shard_rows)
+        if config.metrics_port is not None:
+            self.metrics_port = serve_metrics(self.metrics, config.metrics_port)
+
+        publishing = asyncio.create_task(pipeline.run(), name="pipeline")
+        shards = {
+            asyncio.create_task(g.run(), name=f"shard-{g.shard_id}"): g for g in self.gateways
+        }
+        stop = asyncio.create_task(self._shutdown.wait())
+        fatal: BaseException | None = None
+        pending = set(shards)
+        while pending:
+            done, _ = await asyncio.wait(pending | {stop}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {stop}:
+                pending.discard(task)
+                if task.exception() is not None and fatal is None:
+                    fatal = task.exception()
+            if stop in done or fatal is not None:
+                break
+        await self._stop(shards, publishing, publisher)
+        if fatal is not None:
+            raise fatal
+
+    async def _connect_publisher(self, publisher: Publisher) -> None:
+        delay = 0.5
+        while not self._shutdown.is_set():
+            try:
+                await publisher.connect()
+                return
+            except BrokerUnavailable as exc:
+                log.error("broker not answering (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _identify_scheduler(self, max_concurrency: int) -> IdentifyScheduler:
+        url = self.config.state_url or self.config.broker_url
+        if url.split("://", 1)[0] in REDIS_SCHEMES:
+            from ingest.brokers import redis_py_url
+
+            return RedisIdentifyScheduler(redis_py_url(url), max_concurrency)
+        return LocalIdentifyScheduler(max_concurrency)
+
+    async def _stop(
+        self,
+        shards: dict[asyncio.Task[None], Gateway],
+        publishing: asyncio.Task[None],
+        publisher: Publisher,
+    ) -> None:
+        """Stop reading, publish what is held, persist, leave the sessions resumable."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_BUDGET_SECONDS
+        for gateway in self.gateways:
+            await gateway.stop(resumable=True)
+        running = [t for t in shards if not t.done()]
+        if running:
+            await asyncio.wait(running, timeout=5)
+        assert self.pipeline is not None
+        await self.pipeline.drain(timeout=max(1.0, deadline - loop.time() - 2))
+        publishing.cancel()
+        await publisher.close()
+        if self.store is not None:
+            await self.store.close()
+        summary = self.metrics.summary()
+        log.info(
+            "stopped: %d received, %d published, %d dropped (no handler), %d invalid",
+            summary["received"],
+            summary["published"],
+            summary["dropped"],
+            summary["invalid"],
+        )
+
+    def _on_lifecycle(self, gateway: Gateway, event: Event) -> None:
+        if isinstance(event, SessionStarted | SessionResumed):
+            if isinstance(event, SessionResumed):
+                self.metrics.resumed("reconnect")
+            if gateway.shard_id not in self._ready:
+                self._ready.add(gateway.shard_id)
+                total = len(self.gateways)
+                if len(self._ready) == total:
+                    log.info("all %d shards ready", total)
+                else:
+                    log.info("shards ready %d/%d", len(self._ready), total)
+        elif isinstance(event, SessionLost):
+            self.metrics.sessions_lost += 1
+
+    def _shard_rows(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "shard_id": g.shard_id,
+                "session_id": g.session_id,
+                "received_sequence": g.session.sequence,
+                "committed_sequence": g.session.committed_sequence,
+                "heartbeat_latency_seconds": g.latency,
+                "state": g.session.state.value,
+            }
+            for g in self.gateways
+        ]
+
+
+def run_process(config: Config) -> int:
+    """Run until SIGTERM/SIGINT; the exit code for the shell."""
+
+    async def main() -> None:
+        process = GatewayProcess(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, process.request_shutdown)
+        await process.run()
+
+    try:
+        asyncio.run(main())
+    except (ConfigError, FatalGatewayError) as exc:
+        print(f"discord-ingest: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    return 0

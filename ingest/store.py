@@ -1,0 +1,139 @@
+"""Where sessions survive the process: session id, committed sequence, resume URL, per shard.
+
+Redis when one is reachable (every gateway process and ``python -m ingest status`` see the same
+state), else one small JSON file per shard, written atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol
+
+from ingest.brokers import redis_py_url
+from ingest.session import SessionState
+
+log = logging.getLogger("ingest.store")
+
+KEY_PREFIX = "ingest:session"
+
+
+class SessionStore(Protocol):
+    async def load(self, shard_id: int, shard_count: int) -> SessionState | None: ...
+
+    async def save(self, states: Sequence[SessionState]) -> None: ...
+
+    async def load_all(self) -> list[SessionState]: ...
+
+    async def close(self) -> None: ...
+
+
+def _decode(raw: str | bytes) -> SessionState | None:
+    try:
+        data: dict[str, Any] = json.loads(raw)
+        return SessionState(
+            session_id=str(data["session_id"]),
+            sequence=None if data.get("sequence") is None else int(data["sequence"]),
+            resume_url=data.get("resume_url"),
+            shard_id=int(data.get("shard_id", 0)),
+            shard_count=int(data.get("shard_count", 1)),
+        )
+    except (ValueError, KeyError, TypeError):
+        log.warning("ignoring an unreadable stored session")
+        return None
+
+
+class RedisSessionStore:
+    def __init__(self, url: str, prefix: str = KEY_PREFIX) -> None:
+        import redis.asyncio as aioredis
+
+        self._redis = aioredis.Redis.from_url(
+            redis_py_url(url), socket_timeout=5, socket_connect_timeout=5
+        )
+        self._prefix = prefix
+
+    def _key(self, shard_id: int, shard_count: int) -> str:
+        return f"{self._prefix}:{shard_count}:{shard_id}"
+
+    async def load(self, shard_id: int, shard_count: int) -> SessionState | None:
+        raw = await self._redis.get(self._key(shard_id, shard_count))
+        return None if raw is None else _decode(raw)
+
+    async def save(self, states: Sequence[SessionState]) -> None:
+        if not states:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for state in states:
+            pipe.set(self._key(state.shard_id, state.shard_count), json.dumps(asdict(state)))
+        await pipe.execute()
+
+    async def load_all(self) -> list[SessionState]:
+        states = []
+        async for key in self._redis.scan_iter(match=f"{self._prefix}:*"):
+            raw = await self._redis.get(key)
+            state = None if raw is None else _decode(raw)
+            if state is not None:
+                states.append(state)
+        return sorted(states, key=lambda s: (s.shard_count, s.shard_id))
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+class FileSessionStore:
+    """One file per shard, so processes running different shard ranges never clobber each other."""
+
+    def __init__(self, directory: Path) -> None:
+        self._dir = directory
+
+    def _path(self, shard_id: int, shard_count: int) -> Path:
+        return self._dir / f"session-{shard_id}-of-{shard_count}.json"
+
+    async def load(self, shard_id: int, shard_count: int) -> SessionState | None:
+        path = self._path(shard_id, shard_count)
+        try:
+            return _decode(path.read_text())
+        except FileNotFoundError:
+            return None
+
+    async def save(self, states: Sequence[SessionState]) -> None:
+        if states:
+            await asyncio.to_thread(self._write, list(states))
+
+    def _write(self, states: list[SessionState]) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        for state in states:
+            target = self._path(state.shard_id, state.shard_count)
+            fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=".session-")
+            with os.fdopen(fd, "w") as handle:
+                json.dump(asdict(state), handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+
+    async def load_all(self) -> list[SessionState]:
+        states = []
+        for path in sorted(self._dir.glob("session-*-of-*.json")):
+            state = _decode(path.read_text())
+            if state is not None:
+                states.append(state)
+        return sorted(states, key=lambda s: (s.shard_count, s.shard_id))
+
+    async def close(self) -> None:
+        return None
+
+
+def store_for(state_url: str | None, broker_url: str, data_dir: Path) -> SessionStore:
+    """Redis if the state URL or the broker is Redis; a file in ``data_dir`` otherwise."""
+    url = state_url or broker_url
+    if url.split("://", 1)[0] in ("redis", "rediss", "redis+socket", "unix", "socket"):
+        return RedisSessionStore(url)
+    if state_url and state_url.startswith("file://"):
+        return FileSessionStore(Path(state_url[len("file://") :]))
+    return FileSessionStore(data_dir / "sessions")

@@ -1,0 +1,18 @@
+"""MESSAGE_CREATE: log one line per message."""
+
+import logging
+
+from ingest.handlers import current_event
+from ingest.models import MessageCreate
+from tasks import on
+
+log = logging.getLogger(__name__)
+
+
+@on("MESSAGE_CREATE")
+def log_message(message: MessageCreate) -> None:
+    event = current_event()
+    log.info(
+        "message %s in channel %s by %s (shard %s, seq %s)",
+        message.id, message.channel_id, message.author.username, event.shard_id, event.sequence,
+    )

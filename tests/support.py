@@ -1,0 +1,164 @@
+"""Real processes for end-to-end tests: the gateway (`python -m ingest`) and a Celery worker,
+their output collected line by line so tests can wait for what they print."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MESSAGE_LINE = re.compile(r"message (\d+) in channel \d+ by \S+ \(shard (\d+), seq (\d+)\)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def short_tempdir() -> Iterator[Path]:
+    """A temp dir with a short path: unix socket paths are limited to 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="di-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Proc:
+    """A child process whose combined output is kept, for waiting on and for failure reports."""
+
+    def __init__(self, name: str, cmd: list[str], env: Mapping[str, str]) -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+        self.popen = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=dict(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with self._lock:
+                self.lines.append(line.rstrip("\n"))
+
+    def output(self) -> list[str]:
+        with self._lock:
+            return list(self.lines)
+
+    def text(self) -> str:
+        return "\n".join(self.output())
+
+    def wait_for(self, predicate: Callable[[list[str]], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.output()):
+                return
+            if self.popen.poll() is not None and predicate(self.output()):
+                return
+            time.sleep(0.05)
+        tail = "\n".join(self.output()[-40:])
+        raise AssertionError(f"{self.name}: timed out waiting for {what}; last output:\n{tail}")
+
+    def wait_for_line(self, needle: str, timeout: float = 30) -> None:
+        self.wait_for(lambda lines: any(needle in line for line in lines), timeout, repr(needle))
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.popen.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(timeout=5)
+        self._reader.join(timeout=5)
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=5)
+        self._reader.join(timeout=5)
+
+
+def base_env(**overrides: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DISCORD_", "CELERY_", "INGEST_")) and k != "REDIS_URL"
+    }
+    env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
+    env.update(overrides)
+    return env
+
+
+def gateway_process(env: Mapping[str, str], name: str = "gateway") -> Proc:
+    return Proc(name, [sys.executable, "-m", "ingest"], env)
+
+
+def worker_process(env: Mapping[str, str], *queues: str, name: str = "worker") -> Proc:
+    cmd = [
+        sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel", "INFO",
+        "--pool", "threads", "--concurrency", "4",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        "-n", f"{name}-{os.getpid()}-{time.monotonic_ns()}@%h",
+    ]
+    if queues:
+        cmd += ["-Q", ",".join(queues)]
+    return Proc(name, cmd, env)
+
+
+def handled_messages(proc: Proc) -> list[tuple[int, int, int]]:
+    """(message id, shard id, sequence) of every MESSAGE_CREATE the example handler logged."""
+    found = []
+    for line in proc.output():
+        match = MESSAGE_LINE.search(line)
+        if match:
+            found.append((int(match[1]), int(match[2]), int(match[3])))
+    return found
+
+
+def service_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def require_broker(kind: str) -> None:
+    """Skip without the shared broker on a developer's machine; in CI a skip is a failure."""
+    import pytest
+
+    port = {"redis": 6379, "rabbitmq": 5672}.get(kind)
+    if port is None or service_answers("127.0.0.1", port):
+        return
+    message = f"{kind} is not answering on 127.0.0.1:{port}"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (CI must run every broker test)")
+    pytest.skip(message)

@@ -1,0 +1,515 @@
+"""``Gateway`` over loopback against the bundled simulator, both on one event loop.
+
+Each test drives the "Discord" side (zombie, op 7, op 9, drops, bad frames, fatal closes) and
+checks what reached the handlers by message index, so a lost or doubled event shows up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pytest
+
+from ingest.compression import zstd_available
+from ingest.errors import FatalGatewayError, PayloadTooLarge
+from ingest.gateway import Gateway
+from ingest.identify import LocalIdentifyScheduler
+from ingest.protocol import ZLIB_SUFFIX, Intents, Opcode, default_intents
+from ingest.session import Dispatch, SessionState, State
+from ingest.testing import GatewaySimulator
+from ingest.testing.simulator import RESUME_PATH, sample_message_create
+
+TOKEN = "MTA5.integration-secret-token.xyz"
+NONCE_BASE = 10_000_000  # sample_message_create(i) carries nonce str(NONCE_BASE + i)
+T = TypeVar("T")
+
+COMPRESSIONS = [
+    "zlib-stream",
+    "none",
+    pytest.param(
+        "zstd-stream",
+        marks=pytest.mark.skipif(not zstd_available(), reason="zstandard not installed"),
+    ),
+]
+
+
+def run(coro_fn: Callable[[], Awaitable[T]], timeout: float = 25.0) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro_fn(), timeout)
+
+    return asyncio.run(bounded())
+
+
+def index_of(message: Any) -> int:
+    return int(message.nonce) - NONCE_BASE
+
+
+@dataclass
+class Rig:
+    sim: GatewaySimulator
+    gateway: Gateway
+    task: asyncio.Task[None]
+    received: list[int] = field(default_factory=list)
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        if self.task.done():
+            self.task.result()  # surface a crash of run() instead of a timeout
+        await self.sim.wait_until(lambda: predicate() or self.task.done(), timeout)
+        if not predicate():
+            self.task.result()
+            raise AssertionError("run() returned before the condition held")
+
+    async def ready(self) -> None:
+        await self.until(lambda: self.gateway.session.state is State.CONNECTED)
+
+    async def emit(self, start: int, count: int, rate: float | None = None) -> None:
+        await self.sim.emit_many(
+            "MESSAGE_CREATE", lambda i: sample_message_create(start + i), count, rate
+        )
+
+    async def received_all(self, count: int, timeout: float = 10.0) -> None:
+        await self.until(lambda: len(self.received) >= count, timeout)
+        await asyncio.sleep(0.05)  # a duplicate would land here
+        assert self.received == list(range(count))
+
+    def sim_session_sequence(self) -> int:
+        assert self.gateway.session_id is not None
+        return self.sim.sessions[self.gateway.session_id].sequence
+
+
+@asynccontextmanager
+async def rig(
+    *,
+    sim_options: dict[str, Any] | None = None,
+    token: str = TOKEN,
+    start: bool = True,
+    **gateway_options: Any,
+) -> AsyncIterator[Rig]:
+    sim_kwargs: dict[str, Any] = {"token": TOKEN, "heartbeat_interval_ms": 300}
+    sim_kwargs.update(sim_options or {})
+    async with GatewaySimulator(**sim_kwargs) as sim:
+        gateway_options.setdefault("backoff_base", 0.05)
+        gateway_options.setdefault(
+            "identify_scheduler", LocalIdentifyScheduler(interval=sim.identify_interval)
+        )
+        gateway = Gateway(token, None, sim.url, **gateway_options)
+        received: list[int] = []
+
+        async def on_message(message: Any) -> None:
+            received.append(index_of(message))
+
+        gateway.on("MESSAGE_CREATE", on_message)
+        task = asyncio.create_task(gateway.run())
+        try:
+            r = Rig(sim, gateway, task, received)
+            if start:
+                await r.ready()
+            yield r
+        finally:
+            if not task.done():
+                await gateway.stop()
+                await asyncio.wait_for(asyncio.shield(task), 10)
+
+
+# -- connect, identify, dispatch --------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_thousand_messages_reach_on_handlers_in_order(compression: str) -> None:
+    threaded: list[int] = []
+
+    async def scenario() -> None:
+        async with rig(compression=compression) as r:
+            r.gateway.on("MESSAGE_CREATE", lambda m: threaded.append(index_of(m)))
+            assert r.gateway.session_id == r.sim.identify_log[0].session_id
+            assert r.sim.connections[0].compress == (None if compression == "none" else compression)
+            await r.emit(0, 1000)
+            await r.received_all(1000)
+            await r.until(lambda: len(threaded) >= 1000)
+            assert sorted(threaded) == list(range(1000))
+            # READY was sequence 1; the messages 2..1001 with nothing in between.
+            assert r.gateway.seq == r.sim_session_sequence() == 1001
+            assert r.gateway.rejected_count == 0
+            assert r.gateway.reconnects == 0
+            assert len(r.sim.identify_log) == 1
+
+    run(scenario)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_dispatch_hook_sees_contiguous_sequences(compression: str) -> None:
+    sequences: list[int] = []
+
+    def on_dispatch(gateway: Gateway, dispatch: Dispatch) -> None:
+        sequences.append(dispatch.sequence)
+        gateway.commit(dispatch.sequence, dispatch.session_id)
+
+    async def scenario() -> None:
+        async with rig(compression=compression, on_dispatch=on_dispatch) as r:
+            await r.emit(0, 1000)
+            await r.until(lambda: len(sequences) >= 1001)
+            assert sequences == list(range(1, 1002))
+            assert r.gateway.session.committed_sequence == 1001
+
+    run(scenario)
+
+
+# -- reconnects that resume -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_zombie_connection_is_closed_and_resumed_without_loss(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="ingest.gateway")
+
+    async def scenario() -> None:
+        async with rig() as r:
+            await r.emit(0, 50)
+            await r.until(lambda: len(r.received) >= 50)
+            await r.sim.set_zombie(True)
+            # Keep emitting through the zombie period, the close and the reconnect.
+            emitting = asyncio.create_task(r.emit(50, 100, rate=150))
+            await r.until(lambda: r.sim.connections[0].closed, timeout=5)
+            await r.sim.set_zombie(False)
+            await emitting
+            await r.until(lambda: any(rec.accepted for rec in r.sim.resume_log))
+            await r.received_all(150)
+            assert [rec.accepted for rec in r.sim.resume_log] == [True]
+            assert len(r.sim.identify_log) == 1
+            assert r.gateway.resumes == 1
+
+    run(scenario)
+    closing = [m for m in caplog.messages if "closing" in m and "zombie" in m]
+    assert closing, caplog.messages
+    assert "(1000)" not in closing[0]
+
+
+@pytest.mark.timeout(30)
+def test_op7_reconnect_resumes_on_resume_url_without_loss() -> None:
+    async def scenario() -> None:
+        async with rig() as r:
+            await r.emit(0, 20)
+            await r.sim.send_reconnect()
+            await r.emit(20, 30)
+            await r.until(lambda: any(rec.accepted for rec in r.sim.resume_log))
+            await r.emit(50, 10)
+            await r.received_all(60)
+            resume = r.sim.resume_log[0]
+            assert resume.accepted and resume.path == RESUME_PATH
+            assert [c.path for c in r.sim.connections] == ["/", RESUME_PATH]
+            assert len(r.sim.identify_log) == 1
+
+    run(scenario)
+
+
+@pytest.mark.timeout(30)
+def test_op9_resumable_resumes() -> None:
+    async def scenario() -> None:
+        async with rig() as r:
+            session_id = r.gateway.session_id
+            await r.emit(0, 10)
+            await r.sim.send_invalid_session(True)
+            await r.emit(10, 10)
+            await r.until(lambda: any(rec.accepted for rec in r.sim.resume_log))
+            await r.received_all(20)
+            assert r.gateway.session_id == session_id
+            assert len(r.sim.identify_log) == 1
+
+    run(scenario)
+
+
+@pytest.mark.timeout(30)
+def test_op9_not_resumable_identifies_anew_after_a_wait() -> None:
+    async def scenario() -> None:
+        async with rig(sim_options={"identify_interval": 0.2}) as r:
+            first_session = r.gateway.session_id
+            await r.emit(0, 10)
+            await r.until(lambda: len(r.received) >= 10)
+            invalidated_at = time.monotonic()
+            await r.sim.send_invalid_session(False)
+            await r.until(lambda: len(r.sim.identify_log) == 2, timeout=10)
+            await r.ready()
+            waited = r.sim.identify_log[1].time - invalidated_at
+            assert 1.0 <= waited <= 6.0
+            assert r.gateway.session_id == r.sim.identify_log[1].session_id != first_session
+            assert r.sim.resume_log == []
+            await r.emit(10, 10)
+            await r.received_all(20)
+
+    run(scenario)
+
+
+@pytest.mark.timeout(30)
+def test_tcp_drop_resumes_and_replays_events_emitted_while_disconnected() -> None:
+    gate_open = asyncio.Event()
+
+    async def gate() -> None:
+        await gate_open.wait()
+
+    async def scenario() -> None:
+        gate_open.set()
+        async with rig(connect_gate=gate) as r:
+            await r.emit(0, 10)
+            await r.until(lambda: len(r.received) >= 10)
+            gate_open.clear()  # hold the reconnect until the events are in the replay buffer
+            await r.sim.drop_connections()
+            await r.until(lambda: not r.sim.ready_shards())
+            await r.emit(10, 40)
+            assert r.sim.connections_opened == 1
+            gate_open.set()
+            await r.until(lambda: any(rec.accepted for rec in r.sim.resume_log))
+            await r.received_all(50)
+            assert r.sim.resume_log[0].replayed == 40
+            assert r.gateway.reconnects == 1 and r.gateway.resumes == 1
+
+    run(scenario)
+
+
+# -- fatal closes -----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("code", "token", "intents", "hint"),
+    [
+        (4004, "not-the-token", None, "DISCORD_TOKEN"),
+        (
+            4014,
+            TOKEN,
+            default_intents() | Intents.MESSAGE_CONTENT,
+            "Message Content Intent",
+        ),
+    ],
+)
+def test_fatal_close_raises_with_a_fix_and_never_reconnects(
+    code: int, token: str, intents: int | None, hint: str
+) -> None:
+    async def scenario() -> None:
+        async with GatewaySimulator(token=TOKEN) as sim:
+            gateway = Gateway(token, intents, sim.url, backoff_base=0.01)
+            with pytest.raises(FatalGatewayError) as caught:
+                await gateway.run()
+            assert caught.value.close_code == code
+            assert hint in str(caught.value)
+            await asyncio.sleep(0.2)
+            assert sim.connections_opened == 1
+            assert gateway.session.finished
+
+    run(scenario)
+
+
+# -- odd server behaviour ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_reconnect_before_hello_is_handled() -> None:
+    async def scenario() -> None:
+        async with GatewaySimulator(token=TOKEN, heartbeat_interval_ms=300) as sim:
+            sim.reconnect_before_hello()
+            gateway = Gateway(TOKEN, None, sim.url, backoff_base=0.05)
+            got: list[int] = []
+
+            async def on_message(message: Any) -> None:
+                got.append(index_of(message))
+
+            gateway.on("MESSAGE_CREATE", on_message)
+            task = asyncio.create_task(gateway.run())
+            await sim.wait_until(lambda: gateway.session.state is State.CONNECTED)
+            assert sim.connections_opened == 2
+            assert len(sim.identify_log) == 1
+            await sim.emit_many("MESSAGE_CREATE", sample_message_create, 5)
+            await sim.wait_until(lambda: len(got) == 5)
+            await gateway.stop()
+            await asyncio.wait_for(task, 10)
+
+    run(scenario)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("compression", ["zlib-stream", "none"])
+def test_malformed_frames_are_counted_and_the_session_carries_on(compression: str) -> None:
+    bad_message = sample_message_create(999)
+    del bad_message["channel_id"]
+
+    async def scenario() -> None:
+        async with rig(compression=compression) as r:
+            await r.emit(0, 10)
+            await r.sim.send_raw("{not json", compress=True)
+            await r.sim.send_raw('{"op": 99, "d": null}', compress=True)
+            await r.sim.emit("MESSAGE_CREATE", bad_message)
+            await r.emit(10, 10)
+            await r.received_all(20)
+            assert r.gateway.rejected_count == 3
+            assert r.sim.connections_opened == 1
+            assert r.gateway.session.state is State.CONNECTED
+
+    run(scenario)
+
+
+@pytest.mark.timeout(30)
+def test_corrupt_zlib_stream_is_counted_and_the_session_resumes() -> None:
+    async def scenario() -> None:
+        async with rig(compression="zlib-stream") as r:
+            await r.emit(0, 10)
+            await r.until(lambda: len(r.received) >= 10)
+            await r.sim.send_raw(b"\xde\xad\xbe\xef garbage" + ZLIB_SUFFIX, compress=False)
+            await r.emit(10, 10)
+            await r.until(lambda: any(rec.accepted for rec in r.sim.resume_log))
+            await r.emit(20, 10)
+            await r.received_all(30)
+            assert r.gateway.rejected_count == 1
+            assert len(r.sim.identify_log) == 1
+
+    run(scenario)
+
+
+# -- heartbeats and commands ------------------------------------------------------------------
+
+
+def heartbeats_received(sim: GatewaySimulator) -> int:
+    return sum(1 for payload in sim.received if payload["op"] == Opcode.HEARTBEAT)
+
+
+@pytest.mark.timeout(30)
+def test_server_requested_heartbeat_is_answered_and_latency_measured() -> None:
+    async def scenario() -> None:
+        # A long interval: the beat we see must be the answer to the request.
+        async with rig(sim_options={"heartbeat_interval_ms": 60_000}) as r:
+            before = heartbeats_received(r.sim)
+            await r.sim.request_heartbeat()
+            await r.until(lambda: heartbeats_received(r.sim) > before, timeout=2)
+            await r.until(lambda: r.gateway.latency is not None, timeout=2)
+            assert isinstance(r.gateway.latency, float)
+            assert 0 <= r.gateway.latency < 1
+
+    run(scenario)
+
+
+@pytest.mark.timeout(30)
+def test_regular_heartbeats_are_acked_and_latency_set() -> None:
+    async def scenario() -> None:
+        async with rig(sim_options={"heartbeat_interval_ms": 200}) as r:
+            await r.until(lambda: heartbeats_received(r.sim) >= 3, timeout=3)
+            assert isinstance(r.gateway.latency, float)
+            assert r.gateway.reconnects == 0  # every beat was ACKed: no zombie close
+
+    run(scenario)
+
+
+@pytest.mark.timeout(30)
+def test_oversized_payload_raises_and_sends_nothing() -> None:
+    async def scenario() -> None:
+        async with rig() as r:
+            before = len(r.sim.received)
+            with pytest.raises(PayloadTooLarge):
+                await r.gateway.send_payload(Opcode.PRESENCE_UPDATE, {"blob": "x" * 5000})
+            await asyncio.sleep(0.1)
+            assert all(p["op"] != Opcode.PRESENCE_UPDATE for p in r.sim.received[before:])
+            assert r.gateway.session.state is State.CONNECTED
+            # A normal command still goes through afterwards.
+            await r.gateway.update_presence(status="idle")
+            await r.until(
+                lambda: any(p["op"] == Opcode.PRESENCE_UPDATE for p in r.sim.received[before:])
+            )
+
+    run(scenario)
+
+
+# -- secrets ----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_token_never_logged_nor_in_repr(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    reprs: list[str] = []
+
+    async def scenario() -> None:
+        async with rig() as r:
+            reprs.extend([repr(r.gateway), repr(r.gateway.session), repr(r.gateway.session.config)])
+            await r.emit(0, 5)
+            await r.sim.send_reconnect()
+            await r.until(lambda: len(r.sim.resume_log) == 1)
+            await r.ready()
+            await r.sim.drop_connections()
+            await r.until(lambda: len(r.sim.resume_log) == 2)
+            await r.ready()
+            await r.emit(5, 5)
+            await r.received_all(10)
+            reprs.append(repr(r.gateway))
+        # A wrong token too: the fatal message must not echo it.
+        async with GatewaySimulator(token=TOKEN) as sim:
+            with pytest.raises(FatalGatewayError) as caught:
+                await Gateway(TOKEN + "-wrong", None, sim.url).run()
+            reprs.append(str(caught.value))
+
+    run(scenario)
+    # The simulator's own websockets server stands for Discord: what it logs is not ours.
+    ours = [r for r in caplog.records if not r.name.startswith("websockets.server")]
+    assert any(r.name == "ingest.gateway" and r.levelno == logging.INFO for r in ours)
+    assert any(r.levelno == logging.DEBUG for r in ours)  # the capture did see DEBUG
+    print(sorted({(r.name, r.levelno) for r in caplog.records}))
+    for record in ours:
+        text = record.getMessage() + (record.exc_text or "")
+        assert TOKEN not in text, f"{record.name}: {text}"
+    for text in reprs:
+        assert TOKEN not in text
+
+
+# -- stop and resume in a new process ---------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_stop_then_new_gateway_resumes_from_snapshot() -> None:
+    async def scenario() -> None:
+        async with GatewaySimulator(token=TOKEN, heartbeat_interval_ms=300) as sim:
+            first_got: list[int] = []
+            first = Gateway(TOKEN, None, sim.url, backoff_base=0.05)
+
+            async def on_first(message: Any) -> None:
+                first_got.append(index_of(message))
+
+            first.on("MESSAGE_CREATE", on_first)
+            task = asyncio.create_task(first.run())
+            await sim.wait_until(lambda: first.session.state is State.CONNECTED)
+            await sim.emit_many("MESSAGE_CREATE", sample_message_create, 10)
+            await sim.wait_until(lambda: len(first_got) == 10)
+            await first.stop()
+            await asyncio.wait_for(task, 5)  # returns, does not raise
+            assert task.exception() is None
+            snapshot = first.session.snapshot()
+            assert isinstance(snapshot, SessionState)
+            assert snapshot.sequence == 11
+
+            await sim.wait_until(lambda: not sim.ready_shards())
+            await sim.emit_many("MESSAGE_CREATE", lambda i: sample_message_create(10 + i), 15)
+
+            second_got: list[int] = []
+            second = Gateway(TOKEN, None, sim.url, backoff_base=0.05, resume_from=snapshot)
+
+            async def on_second(message: Any) -> None:
+                second_got.append(index_of(message))
+
+            second.on("MESSAGE_CREATE", on_second)
+            task = asyncio.create_task(second.run())
+            await sim.wait_until(lambda: len(second_got) >= 15)
+            await asyncio.sleep(0.05)
+            assert second_got == list(range(10, 25))
+            assert len(sim.identify_log) == 1
+            resume = sim.resume_log[-1]
+            assert resume.accepted and resume.session_id == snapshot.session_id
+            assert resume.sequence == 11 and resume.replayed == 15
+            assert resume.path == RESUME_PATH
+            assert second.session_id == snapshot.session_id
+            await second.stop()
+            await asyncio.wait_for(task, 5)
+
+    run(scenario)
