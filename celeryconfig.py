@@ -11,8 +11,9 @@ from ingest.brokers import broker_url_from_env
 task_always_eager = os.environ.get("CELERY_TASK_ALWAYS_EAGER", "").lower() in {"1", "true", "yes"}
 task_eager_propagates = task_always_eager
 
-# Eager runs never touch a broker: don't start the embedded one just to import this module.
-broker_url = "memory://" if task_always_eager else broker_url_from_env(os.environ)
+# Importing this module never starts the embedded broker (tests import the app); a booting
+# worker starts it (ingest.handlers, on celeryd_init), as does the gateway.
+broker_url = broker_url_from_env(os.environ, start=False)
 broker_connection_retry_on_startup = True
 
 # The gateway writes JSON only; refusing pickle keeps a bad message from running code.
@@ -31,7 +32,8 @@ broker_transport_options = {
     # Redis only: an unacked message returns to its queue after this long. It must exceed the
     # longest handler run (plus its ETA, if any), or a slow handler's event runs twice.
     # One hour leaves room for handlers that take minutes; lower it only with short handlers.
-    "visibility_timeout": 3600,
+    # It is also how long a message a worker held when it lost Redis waits to run again.
+    "visibility_timeout": int(os.environ.get("INGEST_VISIBILITY_TIMEOUT", "3600")),
     "socket_timeout": 10,
     "socket_connect_timeout": 10,
     "socket_keepalive": True,

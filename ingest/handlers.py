@@ -12,12 +12,14 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Protocol
+from urllib.parse import urlsplit
 
 import redis
 from celery import Celery, Task, current_task  # type: ignore[import-untyped]
-from kombu import Exchange, Queue
+from celery.signals import celeryd_init  # type: ignore[import-untyped]
+from kombu.entity import Exchange, Queue
 
-from ingest.brokers import redis_py_url
+from ingest.brokers import REDIS_SCHEMES, ensure_broker_running, redis_py_url
 from ingest.errors import ConfigError
 from ingest.messages import HEADER_EVENT, HEADER_SEQUENCE, HEADER_SESSION_ID, HEADER_SHARD_ID
 from ingest.routing import DEAD_LETTER_QUEUE, DEAD_LETTER_TASK, event_of_task, route_for
@@ -84,20 +86,19 @@ class EventTask(Task):  # type: ignore[misc]  # celery ships no type information
 
 
 class On(Protocol):
-    def __call__(
-        self, event: str, **options: Any
-    ) -> Callable[[Callable[..., object]], Any]: ...
+    def __call__(self, event: str, **options: Any) -> Callable[[Callable[..., object]], Any]: ...
 
 
 def event_handler(app: Celery) -> On:
     """Return ``on`` for ``app``: ``@on("MESSAGE_CREATE")`` makes a function that event's task.
 
-    The task is named and queued by the routing table, validates its argument with the
-    annotated pydantic model (Celery's ``pydantic=True``) and uses ``EventTask``. ``options``
-    go to ``app.task`` (e.g. ``autoretry_for``, ``rate_limit``). Registers the dead-letter task
-    on ``app`` too.
+    The task is named by the routing table and routed to its queue (a ``task_routes`` router),
+    validates its argument with the annotated pydantic model (Celery's ``pydantic=True``) and
+    uses ``EventTask``. ``options`` go to ``app.task`` (e.g. ``autoretry_for``, ``rate_limit``).
+    Registers the dead-letter task on ``app`` too.
     """
     _register_dead_letter(app)
+    _install_router(app)
 
     def on(event: str, **options: Any) -> Callable[[Callable[..., object]], Any]:
         route = route_for(event)
@@ -105,8 +106,10 @@ def event_handler(app: Celery) -> On:
         def register(handler: Callable[..., object]) -> Any:
             return app.task(
                 name=route.task_name,
-                queue=route.queue,
                 base=EventTask,
+                # A shared task would be added to every Celery app in the process, not only
+                # this one (a test's app would grow the bot's handlers).
+                shared=False,
                 # Not strict: the argument is JSON, so datetimes and snowflakes arrive as strings.
                 pydantic=True,
                 pydantic_strict=False,
@@ -157,7 +160,34 @@ def queues_for(app: Celery) -> list[Queue]:
     """One kombu queue per handled event, plus the dead-letter queue, declared as kombu would."""
     names = [route_for(event).queue for event in sorted(subscribed_events(app))]
     names.append(DEAD_LETTER_QUEUE)
-    return [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in names]
+    return [
+        Queue(name, Exchange(name, type="direct"), routing_key=name)  # type: ignore[no-untyped-call]
+        for name in names
+    ]
+
+
+def route_event_task(
+    name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any
+) -> dict[str, str] | None:
+    """Celery router: a handler's ``delay()`` goes to its event's queue (``task_routes``)."""
+    if name == DEAD_LETTER_TASK:
+        return {"queue": DEAD_LETTER_QUEUE}
+    event = event_of_task(name)
+    return None if event is None else {"queue": route_for(event).queue}
+
+
+def _install_router(app: Celery) -> None:
+    # After the app's own routes, so a project can still send a handler somewhere else.
+    # (A ``queue`` task attribute would do the same, but Celery 5.7 deprecates it.)
+    routes = app.conf.task_routes
+    if routes is None:
+        routers = []
+    elif isinstance(routes, list | tuple):
+        routers = list(routes)
+    else:
+        routers = [routes]
+    if route_event_task not in routers:
+        app.conf.task_routes = [*routers, route_event_task]
 
 
 _with_dead_letter: weakref.WeakSet[Celery] = weakref.WeakSet()
@@ -173,15 +203,32 @@ def _register_dead_letter(app: Celery) -> None:
         return
     _with_dead_letter.add(app)
 
-    @app.task(name=DEAD_LETTER_TASK, queue=DEAD_LETTER_QUEUE, base=EventTask, shared=False)
-    def dead_letter(
-        reason: str, raw: str, raw_base64: str | None = None, event: str | None = None
-    ) -> None:
-        context = current_event()
-        log.warning(
-            "dead letter: %s (event %s, shard %s, seq %s, session %s): %.500s",
-            reason, event, context.shard_id, context.sequence, context.session_id, raw,
-        )
+    app.task(name=DEAD_LETTER_TASK, base=EventTask, shared=False)(dead_letter)
+
+
+def dead_letter(
+    reason: str, raw: str, raw_base64: str | None = None, event: str | None = None
+) -> None:
+    """The ``discord.invalid`` task: make a payload the gateway could not use visible."""
+    context = current_event()
+    log.warning(
+        "dead letter: %s (event %s, shard %s, seq %s, session %s): %.500s",
+        reason,
+        event,
+        context.shard_id,
+        context.sequence,
+        context.session_id,
+        raw,
+    )
+
+
+def _start_embedded_broker(conf: Any, **_: Any) -> None:
+    # celeryconfig names the embedded broker without starting it (importing the app must not
+    # spawn a server); a worker booting is the moment it is needed.
+    ensure_broker_running(str(conf.broker_url or ""))
+
+
+celeryd_init.connect(_start_embedded_broker)
 
 
 class _Dedupe:
@@ -240,11 +287,12 @@ def _build_dedupe(app: Celery) -> _Dedupe | None:
     url = os.environ.get("INGEST_DEDUPE_URL") or conf.get("ingest_dedupe_url")
     if not url:
         url = str(conf.broker_url or "")
-        if not url.startswith(("redis", "rediss", "socket", "unix")):
+        if urlsplit(url).scheme not in REDIS_SCHEMES:
             raise ConfigError(
                 "INGEST_DEDUPE needs a Redis: the broker is not Redis, set INGEST_DEDUPE_URL"
             )
-    ttl = int(os.environ.get("INGEST_DEDUPE_TTL") or conf.get("ingest_dedupe_ttl") or
-              DEFAULT_DEDUPE_TTL)
+    ttl = int(
+        os.environ.get("INGEST_DEDUPE_TTL") or conf.get("ingest_dedupe_ttl") or DEFAULT_DEDUPE_TTL
+    )
     log.info("dedupe on: task ids remembered for %d s", ttl)
     return _Dedupe(url, ttl)

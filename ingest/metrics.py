@@ -1,17 +1,45 @@
 """Counters of the gateway process, cheap on the hot path and scrapeable by Prometheus.
 
-The hot path bumps plain dict counters; a custom collector turns them into Prometheus metric
-families only when scraped, so counting costs nothing like a labelled ``Counter.inc()``.
+The hot path bumps plain dict counters and one histogram bucket; a custom collector turns them
+into Prometheus metric families only when scraped, so counting costs nothing like a labelled
+``Counter.inc()``. Readings that live elsewhere (per-shard sequences, queue depths) are read
+at scrape time through callables.
 """
 
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Final
 
 log = logging.getLogger("ingest.metrics")
+
+# Receipt-to-broker-acceptance latency buckets (seconds): a batch normally lands in a few ms;
+# the top buckets are for broker trouble.
+LATENCY_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+# How long a scrape may wait for the broker's queue lengths.
+QUEUE_DEPTH_TIMEOUT: Final = 1.0
+
+ShardReader = Callable[[], list[dict[str, Any]]]
+QueueDepthReader = Callable[[], Mapping[str, int]]
 
 
 class Metrics:
@@ -22,14 +50,22 @@ class Metrics:
         self.events_invalid: Counter[str] = Counter()
         self.events_shed = 0
         self.batches = 0
+        self.batch_messages = 0
         self.broker_available = True
-        self.publish_latencies: deque[float] = deque(maxlen=10_000)
+        # Histogram of publish latency: counts per bucket (the last one is +Inf), sum, count.
+        self.publish_latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.publish_latency_sum = 0.0
+        self.publish_latency_count = 0
+        # The last 10,000 latencies, for exact recent quantiles (the benchmark reads them).
+        self.publish_latencies: deque[float] = deque(maxlen=10_000)
         self.reconnects: Counter[str] = Counter()
         self.resumes: Counter[str] = Counter()
+        # Per-shard (reconnects by cause, resumes by cause), read at scrape time.
+        self.cause_readers: list[Callable[[], list[tuple[Counter[str], Counter[str]]]]] = []
         self.sessions_lost = 0
         # Per-shard readings, filled in by whoever owns the shards.
-        self.shard_readers: list[Callable[[], list[dict[str, Any]]]] = []
+        self.shard_readers: list[ShardReader] = []
+        self.queue_depths: QueueDepthReader | None = None
         self.identify_budget_remaining: int | None = None
 
     # -- hot path ------------------------------------------------------------------------------
@@ -45,11 +81,14 @@ class Metrics:
 
     def published(self, event: str, latency: float) -> None:
         self.events_published[event] += 1
-        self.publish_latencies.append(latency)
+        self.publish_latency_buckets[bisect_left(LATENCY_BUCKETS, latency)] += 1
         self.publish_latency_sum += latency
+        self.publish_latency_count += 1
+        self.publish_latencies.append(latency)
 
     def batch(self, size: int, seconds: float) -> None:
         self.batches += 1
+        self.batch_messages += size
 
     def shed(self, count: int) -> None:
         self.events_shed += count
@@ -82,7 +121,13 @@ class Metrics:
 
     def collect(self) -> Iterator[Any]:
         """The Prometheus collector protocol: metric families built at scrape time."""
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        from ingest.logs import suppressed_warnings
 
         for name, counts, help_text in (
             ("discord_ingest_events_received", self.events_received, "Dispatches received"),
@@ -99,24 +144,44 @@ class Metrics:
             "Uncommitted events dropped in a broker outage (replayed by Discord)",
             value=self.events_shed,
         )
-        latency = GaugeMetricFamily(
+        cumulative, buckets = 0, []
+        for bound, count in zip(
+            (*(repr(b) for b in LATENCY_BUCKETS), "+Inf"), self.publish_latency_buckets, strict=True
+        ):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily(
             "discord_ingest_publish_latency_seconds",
-            "Receipt to broker acceptance, recent quantiles",
+            "Receipt of a dispatch to the broker accepting its task",
+            buckets=buckets,
+            sum_value=self.publish_latency_sum,
+        )
+        recent = GaugeMetricFamily(
+            "discord_ingest_publish_latency_recent_seconds",
+            "Publish latency quantiles over the last 10,000 events",
             labels=["quantile"],
         )
-        recent = sorted(self.publish_latencies)
-        for q in (0.5, 0.99):
-            if recent:
-                latency.add_metric([str(q)], recent[min(len(recent) - 1, int(q * len(recent)))])
-        yield latency
+        window = sorted(self.publish_latencies)
+        if window:
+            for q in (0.5, 0.9, 0.99):
+                recent.add_metric([str(q)], window[min(len(window) - 1, int(q * len(window)))])
+        yield recent
+        yield CounterMetricFamily(
+            "discord_ingest_publish_batches", "Batches the broker accepted", value=self.batches
+        )
         yield GaugeMetricFamily(
             "discord_ingest_broker_up",
             "1 while the broker accepts events",
             value=1 if self.broker_available else 0,
         )
+        reconnects, resumes = Counter(self.reconnects), Counter(self.resumes)
+        for reader in self.cause_readers:
+            for shard_reconnects, shard_resumes in reader():
+                reconnects.update(shard_reconnects)
+                resumes.update(shard_resumes)
         for name, counts, help_text in (
-            ("discord_ingest_reconnects", self.reconnects, "Reconnects by cause"),
-            ("discord_ingest_resumes", self.resumes, "Resumed sessions by cause"),
+            ("discord_ingest_reconnects", reconnects, "Reconnects by cause"),
+            ("discord_ingest_resumes", resumes, "Resumed sessions by the cause of the reconnect"),
         ):
             causes = CounterMetricFamily(name, help_text, labels=["cause"])
             for cause, count in sorted(counts.items()):
@@ -127,29 +192,105 @@ class Metrics:
             "Sessions Discord would not resume",
             value=self.sessions_lost,
         )
-        shards = self.shards()
-        for key, help_text in (
-            ("received_sequence", "Highest sequence received"),
-            ("committed_sequence", "Highest sequence the broker holds, with all before it"),
-            ("heartbeat_latency_seconds", "Last heartbeat round trip"),
-        ):
-            family = GaugeMetricFamily(f"discord_ingest_shard_{key}", help_text, labels=["shard"])
-            for row in shards:
-                if row.get(key) is not None:
-                    family.add_metric([str(row["shard_id"])], float(row[key]))
-            yield family
+        yield from _shard_families(self.shards())
         if self.identify_budget_remaining is not None:
             yield GaugeMetricFamily(
                 "discord_ingest_identify_budget_remaining",
                 "session_start_limit.remaining at start",
                 value=self.identify_budget_remaining,
             )
+        yield CounterMetricFamily(
+            "discord_ingest_log_warnings_suppressed",
+            "Repeated warnings counted instead of logged (rate limit)",
+            value=suppressed_warnings(),
+        )
+        if self.queue_depths is not None:
+            depth = GaugeMetricFamily(
+                "discord_ingest_queue_depth",
+                "Messages waiting in the broker, per queue (read at scrape time)",
+                labels=["queue"],
+            )
+            try:
+                depths = self.queue_depths()
+            except Exception as exc:  # noqa: BLE001 - a scrape must not fail for the broker
+                log.debug("queue depths unavailable: %r", exc)
+            else:
+                for queue, count in sorted(depths.items()):
+                    depth.add_metric([queue], count)
+            yield depth
 
 
-def serve_metrics(metrics: Metrics, port: int, host: str = "0.0.0.0") -> int:
+_SHARD_GAUGES: Final = (
+    ("received_sequence", "Highest sequence received"),
+    ("committed_sequence", "Highest sequence the broker holds, with all before it"),
+    ("heartbeat_latency_seconds", "Last heartbeat round trip"),
+)
+_SHARD_COUNTERS: Final = (
+    ("reconnects", "Connections lost or replaced, per shard"),
+    ("resumes", "Sessions resumed, per shard"),
+    ("rejected", "Frames the session could not use, per shard"),
+)
+
+
+def _shard_families(rows: list[dict[str, Any]]) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    for key, help_text in _SHARD_GAUGES:
+        family = GaugeMetricFamily(f"discord_ingest_shard_{key}", help_text, labels=["shard"])
+        for row in rows:
+            if row.get(key) is not None:
+                family.add_metric([str(row["shard_id"])], float(row[key]))
+        yield family
+    for key, help_text in _SHARD_COUNTERS:
+        present = [row for row in rows if row.get(key) is not None]
+        if present:
+            counter = CounterMetricFamily(
+                f"discord_ingest_shard_{key}", help_text, labels=["shard"]
+            )
+            for row in present:
+                counter.add_metric([str(row["shard_id"])], float(row[key]))
+            yield counter
+
+
+def redis_queue_depths(
+    url: str, queues: Iterable[str], timeout: float = QUEUE_DEPTH_TIMEOUT
+) -> QueueDepthReader | None:
+    """A reader of LLEN per queue on the Redis broker at ``url``; None for other brokers.
+
+    The scrape thread calls it, so it is synchronous and bounded by ``timeout``.
+    """
+    if url.split("://", 1)[0] not in ("redis", "rediss", "redis+socket", "unix", "socket"):
+        return None
+    import redis
+
+    from ingest.brokers import redis_py_url
+
+    names = sorted(set(queues))
+    client = redis.Redis.from_url(
+        redis_py_url(url), socket_timeout=timeout, socket_connect_timeout=timeout
+    )
+
+    def read() -> Mapping[str, int]:
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            pipe.llen(name)
+        return dict(zip(names, (int(n) for n in pipe.execute()), strict=True))
+
+    return read
+
+
+def serve_metrics(
+    metrics: Metrics,
+    port: int,
+    host: str = "0.0.0.0",
+    *,
+    queue_depths: QueueDepthReader | None = None,
+) -> int:
     """Expose ``metrics`` on ``/metrics``; returns the bound port (``0`` picks a free one)."""
     from prometheus_client import CollectorRegistry, start_http_server
 
+    if queue_depths is not None:
+        metrics.queue_depths = queue_depths
     registry = CollectorRegistry()
     registry.register(metrics)  # type: ignore[arg-type,unused-ignore]
     server, _thread = start_http_server(port, addr=host, registry=registry)

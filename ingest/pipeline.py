@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from ingest.errors import BrokerUnavailable
 from ingest.gateway import Gateway
+from ingest.logs import throttled
 from ingest.messages import TaskMessage, build_dead_letter_message, build_event_message
 from ingest.metrics import Metrics
 from ingest.models import validate_event
@@ -72,6 +73,9 @@ class Pipeline:
         self._wakeup = asyncio.Event()
         self._healthy = asyncio.Event()
         self._healthy.set()
+        # The gateways' read gate: cleared while the buffer is full and the broker merely slow.
+        self.has_room = asyncio.Event()
+        self.has_room.set()
         self._gateways: list[Gateway] = []
         self._dirty: set[int] = set()
         self._last_save = 0.0
@@ -102,6 +106,9 @@ class Pipeline:
             self.metrics.dropped(event)
         else:
             session_id = dispatch.session_id or ""
+            # Serialised once: the task's argument (spliced into the message unchanged) and,
+            # if validation fails, the dead letter's raw payload.
+            data_json = orjson.dumps(dispatch.data)
             try:
                 validate_event(event, dispatch.data)
             except ValidationError as exc:
@@ -109,13 +116,13 @@ class Pipeline:
                     f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
                     for err in exc.errors(include_url=False)
                 )
-                log.warning(
+                throttled(log).warning(
                     "shard %d seq %d: %s", dispatch.shard_id, dispatch.sequence, reason[:500]
                 )
                 self.metrics.invalid(event)
                 message = build_dead_letter_message(
                     reason=reason,
-                    raw=orjson.dumps(dispatch.data),
+                    raw=data_json,
                     event=event,
                     shard_id=dispatch.shard_id,
                     sequence=dispatch.sequence,
@@ -124,7 +131,7 @@ class Pipeline:
             else:
                 message = build_event_message(
                     event,
-                    orjson.dumps(dispatch.data),
+                    data_json,
                     shard_id=dispatch.shard_id,
                     sequence=dispatch.sequence,
                     session_id=session_id,
@@ -140,7 +147,13 @@ class Pipeline:
             _Entry(gateway, dispatch.session_id, dispatch.sequence, event, message, now)
         )
         if len(self._queue) >= self.max_buffered:
-            self._shed(f"{len(self._queue)} events buffered (INGEST_MAX_BUFFERED_EVENTS)")
+            if self._outage_since is not None:
+                self._shed(f"{len(self._queue)} events buffered (INGEST_MAX_BUFFERED_EVENTS)")
+            else:
+                # A burst (a RESUME replay, GUILD_CREATEs) faster than the broker takes it:
+                # stop reading until the buffer drains; nothing needs to be dropped.
+                self.has_room.clear()
+                self._wakeup.set()
         elif len(self._queue) >= self.batch_size or not self._wakeup.is_set():
             self._wakeup.set()
 
@@ -173,6 +186,7 @@ class Pipeline:
         self._queue.clear()
         self._waiting.clear()
         self._healthy.clear()
+        self.has_room.set()
         for gateway in self._gateways:
             gateway.close_for_outage()
 
@@ -199,7 +213,14 @@ class Pipeline:
             started = time.monotonic()
             try:
                 await self.publisher.publish(messages)
-            except BrokerUnavailable as exc:
+            except Exception as exc:
+                # Whatever a client library raises, the batch stays held and is retried: a
+                # publisher bug must stall progress (visibly), never drop events or stop us.
+                if not isinstance(exc, BrokerUnavailable):
+                    log.exception(
+                        "publisher raised %s; treating it as an outage", type(exc).__name__
+                    )
+                    exc = BrokerUnavailable(repr(exc))
                 self._on_outage(exc)
                 outage = self._outage_since
                 if self._stopping and outage is not None and time.monotonic() - outage > 5:
@@ -218,7 +239,11 @@ class Pipeline:
             self._outage_since = now
             log.error("broker not accepting events (%s); buffering", exc)
             self.metrics.broker_up(False)
-        elif now - self._outage_since > self.max_outage and self._queue:
+        if not self._queue:
+            return
+        if len(self._queue) >= self.max_buffered:
+            self._shed(f"{len(self._queue)} events buffered (INGEST_MAX_BUFFERED_EVENTS)")
+        elif now - self._outage_since > self.max_outage:
             self._shed(f"broker down for {now - self._outage_since:.0f} s")
 
     async def _probe(self) -> None:
@@ -247,6 +272,8 @@ class Pipeline:
                 latest[key] = entry
             if entry.message is not None and entry.message.task_name != DEAD_LETTER_TASK:
                 self.metrics.published(entry.event, now - entry.received_at)
+        if not self.has_room.is_set() and len(self._queue) <= self.max_buffered // 2:
+            self.has_room.set()
         for key, entry in latest.items():
             assert entry.sequence is not None
             entry.gateway.commit(entry.sequence, entry.session_id)

@@ -16,8 +16,13 @@ from typing import Any
 from ingest.config import Config
 from ingest.errors import BrokerUnavailable, ConfigError, FatalGatewayError
 from ingest.gateway import Gateway
-from ingest.identify import IdentifyScheduler, LocalIdentifyScheduler, RedisIdentifyScheduler
-from ingest.metrics import Metrics, serve_metrics
+from ingest.identify import (
+    BudgetedIdentifyScheduler,
+    IdentifyScheduler,
+    LocalIdentifyScheduler,
+    RedisIdentifyScheduler,
+)
+from ingest.metrics import Metrics, redis_queue_depths, serve_metrics
 from ingest.pipeline import Pipeline
 from ingest.publish import Publisher, publisher_for
 from ingest.rest import RestError, fetch_gateway_bot
@@ -58,6 +63,7 @@ class GatewayProcess:
         self._ready: set[int] = set()
         self.shard_count = 1
         self.metrics_port: int | None = None
+        self.identify_scheduler: IdentifyScheduler | None = None
 
     def request_shutdown(self) -> None:
         log.info("shutdown requested")
@@ -74,6 +80,7 @@ class GatewayProcess:
         log.info("publishing %d event types: %s", len(subscribed), ", ".join(sorted(subscribed)))
 
         max_concurrency = 1
+        start_limit = None
         if config.gateway_url is not None:
             gateway_url = config.gateway_url
             shard_count = config.shard_count or 1
@@ -84,8 +91,9 @@ class GatewayProcess:
                 raise FatalGatewayError(f"cannot reach Discord's API: {exc}") from None
             gateway_url = bot.url
             shard_count = config.shard_count or bot.shards
-            max_concurrency = bot.session_start_limit.max_concurrency
-            self.metrics.identify_budget_remaining = bot.session_start_limit.remaining
+            start_limit = bot.session_start_limit
+            max_concurrency = start_limit.max_concurrency
+            self.metrics.identify_budget_remaining = start_limit.remaining
         self.shard_count = shard_count
         shard_ids = config.shard_ids or tuple(range(shard_count))
         if max(shard_ids) >= shard_count:
@@ -110,9 +118,28 @@ class GatewayProcess:
             max_buffered_events=config.max_buffered_events,
             max_outage_seconds=config.max_outage_seconds,
         )
+        resumable = {
+            shard_id: await self.store.load(shard_id, shard_count) for shard_id in shard_ids
+        }
+        to_identify = sum(1 for state in resumable.values() if state is None)
         scheduler = self._identify_scheduler(max_concurrency)
+        if start_limit is not None:
+            if start_limit.remaining < to_identify:
+                raise FatalGatewayError(
+                    f"session_start_limit: {start_limit.remaining} of {start_limit.total} "
+                    f"session starts left today but {to_identify} shards need one; starting "
+                    f"now would get the token reset. Retry in {start_limit.reset_after:.0f} s "
+                    "or run fewer shards (DISCORD_SHARD_IDS)"
+                )
+            scheduler = BudgetedIdentifyScheduler(
+                scheduler,
+                remaining=start_limit.remaining,
+                total=start_limit.total,
+                reset_after=start_limit.reset_after,
+            )
+        self.identify_scheduler = scheduler
         for shard_id in shard_ids:
-            resume_from = await self.store.load(shard_id, shard_count)
+            resume_from = resumable[shard_id]
             if resume_from is not None:
                 log.info(
                     "shard %d will resume session %s from sequence %s",
@@ -133,12 +160,23 @@ class GatewayProcess:
                 on_rejected=pipeline.reject,
                 on_lifecycle=self._on_lifecycle,
                 connect_gate=pipeline.wait_until_healthy,
+                read_gate=pipeline.has_room,
             )
             pipeline.attach(gateway)
             self.gateways.append(gateway)
         self.metrics.shard_readers.append(self._shard_rows)
+        self.metrics.cause_readers.append(
+            lambda: [(g.reconnect_causes, g.resume_causes) for g in self.gateways]
+        )
         if config.metrics_port is not None:
-            self.metrics_port = serve_metrics(self.metrics, config.metrics_port)
+            self.metrics_port = serve_metrics(
+                self.metrics,
+                config.metrics_port,
+                queue_depths=redis_queue_depths(
+                    config.broker_url,
+                    [route_for(e).queue for e in sorted(subscribed)] + [DEAD_LETTER_QUEUE],
+                ),
+            )
 
         publishing = asyncio.create_task(pipeline.run(), name="pipeline")
         shards = {
@@ -148,7 +186,15 @@ class GatewayProcess:
         fatal: BaseException | None = None
         pending = set(shards)
         while pending:
-            done, _ = await asyncio.wait(pending | {stop}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                pending | {stop, publishing}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if publishing in done:
+                # Never expected: without it nothing commits. Exit, and let the process
+                # manager restart us; the sessions resume from what was committed.
+                fatal = publishing.exception() or RuntimeError("the publisher stopped")
+                log.error("publisher task ended: %r", fatal)
+                break
             for task in done - {stop}:
                 pending.discard(task)
                 if task.exception() is not None and fatal is None:
@@ -196,6 +242,8 @@ class GatewayProcess:
         await self.pipeline.drain(timeout=max(1.0, deadline - loop.time() - 2))
         publishing.cancel()
         await publisher.close()
+        if self.identify_scheduler is not None:
+            await self.identify_scheduler.close()
         if self.store is not None:
             await self.store.close()
         summary = self.metrics.summary()
@@ -209,15 +257,25 @@ class GatewayProcess:
 
     def _on_lifecycle(self, gateway: Gateway, event: Event) -> None:
         if isinstance(event, SessionStarted | SessionResumed):
-            if isinstance(event, SessionResumed):
-                self.metrics.resumed("reconnect")
             if gateway.shard_id not in self._ready:
                 self._ready.add(gateway.shard_id)
                 total = len(self.gateways)
+                next_slot = (
+                    self.identify_scheduler.next_slot_in()
+                    if self.identify_scheduler is not None
+                    else None
+                )
                 if len(self._ready) == total:
                     log.info("all %d shards ready", total)
-                else:
+                elif next_slot is None:
                     log.info("shards ready %d/%d", len(self._ready), total)
+                else:
+                    log.info(
+                        "shards ready %d/%d, next bucket in %.1f s",
+                        len(self._ready),
+                        total,
+                        next_slot,
+                    )
         elif isinstance(event, SessionLost):
             self.metrics.sessions_lost += 1
 
@@ -229,6 +287,9 @@ class GatewayProcess:
                 "received_sequence": g.session.sequence,
                 "committed_sequence": g.session.committed_sequence,
                 "heartbeat_latency_seconds": g.latency,
+                "reconnects": g.reconnects,
+                "resumes": g.resumes,
+                "rejected": g.rejected_count,
                 "state": g.session.state.value,
             }
             for g in self.gateways
@@ -250,4 +311,9 @@ def run_process(config: Config) -> int:
     except (ConfigError, FatalGatewayError) as exc:
         print(f"discord-ingest: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
+    except Exception as exc:
+        # A bug, not a configuration problem: keep the traceback, exit so we get restarted.
+        log.exception("gateway process failed")
+        print(f"discord-ingest: internal error: {exc!r}", file=sys.stderr)
+        return 1
     return 0

@@ -16,14 +16,14 @@ from urllib.parse import urlsplit, urlunsplit
 import aiormq
 import orjson
 import redis.asyncio as aioredis
-from aiormq.abc import AbstractChannel, AbstractConnection
+from aiormq.abc import AbstractConnection
 from pamqp.commands import Basic
 from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from ingest.brokers import data_dir_from_env, ensure_embedded_broker, redis_py_url
+from ingest.brokers import REDIS_SCHEMES, data_dir_from_env, ensure_embedded_broker, redis_py_url
 from ingest.errors import BrokerUnavailable, ConfigError
 from ingest.messages import DISCORD_HEADERS, TaskMessage, redis_envelope
 
@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("ingest.publisher")
 
 DEFAULT_TIMEOUT: Final = 10.0
-REDIS_SCHEMES: Final = frozenset({"redis", "rediss", "redis+socket", "socket", "unix"})
+# How long closing a failed AMQP connection may take before we abandon it.
+_CLOSE_TIMEOUT: Final = 2.0
 AMQP_SCHEMES: Final = frozenset({"amqp", "amqps", "pyamqp"})
 EAGER_URL: Final = "eager"
 EMBEDDED_URL: Final = "embedded"
@@ -149,32 +150,47 @@ class AmqpPublisher:
         self.url = url
         self.timeout = timeout
         self._connection: AbstractConnection | None = None
-        self._channel: AbstractChannel | None = None
+        self._channel: aiormq.Channel | None = None
         self._declared: set[str] = set()
 
     def __repr__(self) -> str:
         return f"AmqpPublisher({_redact(self.url)!r})"
 
-    async def _open(self) -> AbstractChannel:
-        if self._channel is not None and not self._channel.is_closed:
-            return self._channel
+    async def _open(self) -> aiormq.Channel:
+        channel, connection = self._channel, self._connection
+        if (
+            channel is not None
+            and not channel.is_closed
+            and connection is not None
+            and connection.is_opened
+        ):
+            return channel
         await self._reset()
         self._connection = await aiormq.connect(_aiormq_url(self.url))
-        self._channel = await self._connection.channel(publisher_confirms=True)
-        return self._channel
+        # The concrete Channel: its basic_publish takes ``wait``, the abstract one does not.
+        channel = await self._connection.channel(publisher_confirms=True)
+        assert isinstance(channel, aiormq.Channel)
+        self._channel = channel
+        return channel
 
     async def _reset(self) -> None:
-        # After any failure the channel's state is unknown: start over on the next call.
+        # After any failure the channel's state is unknown: start over on the next call. The
+        # old connection is closed with a real exception (aiormq's default is CancelledError,
+        # which it sets on every future still pending there) and in bounded time: a dead peer
+        # must not hold the publisher up.
         connection, self._connection, self._channel = self._connection, None, None
         self._declared.clear()
-        if connection is not None and not connection.is_closed:
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await connection.close()
-            except Exception:
-                log.debug("closing a failed AMQP connection", exc_info=True)
+        if connection is None or connection.is_closed:
+            return
+        try:
+            async with asyncio.timeout(min(self.timeout, _CLOSE_TIMEOUT)):
+                await connection.close(BrokerUnavailable("AMQP publisher reset"))
+        except BaseException as exc:
+            if _cancelled_from_outside(exc):
+                raise
+            log.debug("closing a failed AMQP connection", exc_info=True)
 
-    async def _declare(self, channel: AbstractChannel, queues: Iterable[str]) -> None:
+    async def _declare(self, channel: aiormq.Channel, queues: Iterable[str]) -> None:
         for queue in queues:
             if queue in self._declared:
                 continue
@@ -187,7 +203,9 @@ class AmqpPublisher:
         try:
             async with asyncio.timeout(self.timeout):
                 await self._open()
-        except (aiormq.AMQPError, OSError, TimeoutError) as exc:
+        except BaseException as exc:
+            if _cancelled_from_outside(exc):
+                raise
             await self._reset()
             raise BrokerUnavailable(f"AMQP broker at {_redact(self.url)}: {exc!r}") from exc
         log.info("publishing to AMQP at %s", _redact(self.url))
@@ -196,7 +214,9 @@ class AmqpPublisher:
         try:
             async with asyncio.timeout(self.timeout):
                 await self._declare(await self._open(), queues)
-        except (aiormq.AMQPError, OSError, TimeoutError) as exc:
+        except BaseException as exc:
+            if _cancelled_from_outside(exc):
+                raise
             await self._reset()
             raise BrokerUnavailable(f"AMQP declare failed: {exc!r}") from exc
 
@@ -227,9 +247,21 @@ class AmqpPublisher:
                             wait=False,
                         )
                         for m in messages
-                    )
+                    ),
+                    # Every publish runs to its end before we look: no task is left behind
+                    # on a dead channel.
+                    return_exceptions=True,
                 )
-        except (aiormq.AMQPError, OSError, TimeoutError) as exc:
+                failed = next((c for c in confirms if isinstance(c, BaseException)), None)
+                if failed is not None:
+                    raise failed
+        except BaseException as exc:
+            # Not only AMQPError: a channel that closed under us raises aiormq's
+            # ChannelInvalidStateError (a RuntimeError), a closed connection RuntimeError, and
+            # a future aiormq rejected on close can raise CancelledError in a task nobody
+            # cancelled. All of them mean "the broker did not take this batch".
+            if _cancelled_from_outside(exc):
+                raise
             await self._reset()
             raise BrokerUnavailable(
                 f"AMQP did not confirm {len(messages)} messages: {exc!r}"
@@ -239,13 +271,18 @@ class AmqpPublisher:
             raise BrokerUnavailable(f"AMQP refused {refused} of {len(messages)} messages")
 
     async def ping(self) -> bool:
+        # A round trip, not only "is the channel object open": after the peer vanished the
+        # connection looks open until the heartbeat notices, minutes later.
         try:
             async with asyncio.timeout(self.timeout):
                 channel = await self._open()
-        except (aiormq.AMQPError, OSError, TimeoutError):
+                await channel.exchange_declare("amq.direct", exchange_type="direct", passive=True)
+        except BaseException as exc:
+            if _cancelled_from_outside(exc):
+                raise
             await self._reset()
             return False
-        return not channel.is_closed
+        return True
 
     async def close(self) -> None:
         await self._reset()
@@ -282,8 +319,9 @@ class EagerPublisher:
             if task is None:
                 # A broker would keep it in a queue no one reads; say so instead.
                 self.unhandled += 1
-                log.warning("no task %s registered; message %s dropped", message.task_name,
-                            message.task_id)
+                log.warning(
+                    "no task %s registered; message %s dropped", message.task_name, message.task_id
+                )
                 continue
             args, kwargs, _embed = orjson.loads(message.body)
             metadata = {key: message.headers[key] for key in DISCORD_HEADERS}
@@ -296,8 +334,12 @@ class EagerPublisher:
             )
             if result.failed():
                 self.failed += 1
-                log.error("eager task %s[%s] failed: %r", message.task_name, message.task_id,
-                          result.result)
+                log.error(
+                    "eager task %s[%s] failed: %r",
+                    message.task_name,
+                    message.task_id,
+                    result.result,
+                )
 
     async def ping(self) -> bool:
         return True
@@ -306,7 +348,9 @@ class EagerPublisher:
         return None
 
 
-def publisher_for(url: str, app: Celery | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> Publisher:
+def publisher_for(
+    url: str, app: Celery | None = None, *, timeout: float = DEFAULT_TIMEOUT
+) -> Publisher:
     """The publisher for broker ``url``: by scheme, ``eager`` (needs ``app``), or ``embedded``."""
     if url in ("", EMBEDDED_URL):
         url = ensure_embedded_broker(data_dir_from_env(os.environ))
@@ -323,6 +367,18 @@ def publisher_for(url: str, app: Celery | None = None, *, timeout: float = DEFAU
         f"unsupported broker URL scheme {scheme!r}: use redis://, rediss://, redis+socket://, "
         "amqp:// or pyamqp://"
     )
+
+
+def _cancelled_from_outside(exc: BaseException) -> bool:
+    """True when ``exc`` is our own task being cancelled (shutdown), which must propagate.
+
+    aiormq rejects the futures of a closed connection with ``CancelledError`` and cancels its
+    tasks; that reaches us as a ``CancelledError`` although nobody cancelled *our* task.
+    """
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _aiormq_url(url: str) -> str:

@@ -38,6 +38,19 @@ GUILD_MEMBERS_INTERVAL: Final = 30.0
 STABLE_CONNECTION_SECONDS: Final = 5.0
 # Discord sends HELLO at once; a connection that stays silent this long is given up.
 HELLO_TIMEOUT: Final = 20.0
+# Discord's session ids are 32 hex digits; a much longer one could not fit in a RESUME.
+MAX_SESSION_ID_LENGTH: Final = 128
+
+
+def _usable_gateway_url(url: object) -> bool:
+    """A resume URL we can connect to; anything else falls back to the configured gateway."""
+    if not isinstance(url, str) or len(url) > 2048:
+        return False
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. "wss://[": an unbalanced IPv6 bracket
+        return False
+    return parts.scheme in ("ws", "wss") and bool(parts.netloc)
 
 
 class State(enum.Enum):
@@ -117,6 +130,7 @@ class Close:
     code: int
     reason: str
     action: Reconnect
+    cause: str = "closed"  # a short label for metrics: zombie, op7, op9, broker_outage, ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +304,10 @@ class Session:
         self._stopping = False
         self._attempted = False
         self._hello_deadline: float | None = None
+        # Frames that arrived after we asked to close (never read), and commands not sent
+        # because even an essential one may not break the 120-per-60-s limit.
+        self.frames_ignored = 0
+        self.commands_dropped = 0
 
     def __repr__(self) -> str:
         return (
@@ -407,12 +425,13 @@ class Session:
         if self.state is State.CLOSING or self.finished:
             return
         code = RESUMABLE_CLOSE if resumable else CloseCode.NORMAL
-        self._request_close(code, "shutting down", Reconnect.RESUME)
+        self._request_close(code, "shutting down", Reconnect.RESUME, "stop")
 
     # -- inbound -------------------------------------------------------------------------------
 
     def receive_frame(self, frame: bytes | str, now: float) -> None:
         if self.state in (State.CLOSING, State.DISCONNECTED) or self.finished:
+            self.frames_ignored += 1
             return
         if isinstance(frame, str):
             message: bytes = frame.encode()
@@ -422,7 +441,9 @@ class Session:
             except DecompressionError as exc:
                 self._events.append(Rejected(str(exc), bytes(frame[:4096])))
                 # The inflate context is broken: nothing later on this connection can be read.
-                self._request_close(RESUMABLE_CLOSE, "bad compressed stream", Reconnect.RESUME)
+                self._request_close(
+                    RESUMABLE_CLOSE, "bad compressed stream", Reconnect.RESUME, "corrupt_stream"
+                )
                 return
             if inflated is None:
                 return
@@ -459,7 +480,7 @@ class Session:
                 self._on_hello(payload, raw, now)
             case Opcode.RECONNECT:
                 self._request_close(
-                    RESUMABLE_CLOSE, "Discord asked to reconnect (op 7)", Reconnect.RESUME
+                    RESUMABLE_CLOSE, "Discord asked to reconnect (op 7)", Reconnect.RESUME, "op7"
                 )
             case Opcode.INVALID_SESSION:
                 self._on_invalid_session(payload.get("d") is True)
@@ -471,7 +492,7 @@ class Session:
         interval = d.get("heartbeat_interval") if isinstance(d, dict) else None
         if not isinstance(interval, int | float) or isinstance(interval, bool) or interval <= 0:
             self._events.append(Rejected("HELLO without a heartbeat_interval", raw))
-            self._request_close(RESUMABLE_CLOSE, "bad HELLO", Reconnect.RESUME)
+            self._request_close(RESUMABLE_CLOSE, "bad HELLO", Reconnect.RESUME, "bad_hello")
             return
         if self.state is not State.AWAITING_HELLO:
             self._events.append(Rejected("HELLO received twice", raw))
@@ -499,13 +520,17 @@ class Session:
             return
         data = payload.get("d")
         if event == "READY":
-            if not isinstance(data, dict) or not isinstance(data.get("session_id"), str):
-                self._events.append(Rejected("READY without a session_id", raw))
-                self._request_close(RESUMABLE_CLOSE, "bad READY", Reconnect.NEW_SESSION)
+            ready: dict[str, Any] = data if isinstance(data, dict) else {}
+            session_id = ready.get("session_id")
+            if not isinstance(session_id, str) or len(session_id) > MAX_SESSION_ID_LENGTH:
+                self._events.append(Rejected("READY without a usable session_id", raw))
+                self._request_close(
+                    RESUMABLE_CLOSE, "bad READY", Reconnect.NEW_SESSION, "bad_ready"
+                )
                 return
-            self.session_id = data["session_id"]
-            resume_url = data.get("resume_gateway_url")
-            self.resume_url = resume_url if isinstance(resume_url, str) else None
+            self.session_id = session_id
+            resume_url = ready.get("resume_gateway_url")
+            self.resume_url = resume_url if _usable_gateway_url(resume_url) else None
             self.state = State.CONNECTED
             self._connected_at = now
             self._events.append(SessionStarted(self.session_id, self.resume_url))
@@ -527,13 +552,16 @@ class Session:
     def _on_invalid_session(self, resumable: bool) -> None:
         if resumable and self.resumable:
             self._request_close(
-                RESUMABLE_CLOSE, "invalid session, resumable (op 9)", Reconnect.RESUME
+                RESUMABLE_CLOSE,
+                "invalid session, resumable (op 9)",
+                Reconnect.RESUME,
+                "op9_resumable",
             )
             return
         self._forget_session("Discord invalidated the session (op 9)")
         # Discord asks for a 1-5 s wait before a fresh IDENTIFY.
         self._forced_delay = 1.0 + 4.0 * self._rng()
-        self._request_close(RESUMABLE_CLOSE, "invalid session (op 9)", Reconnect.NEW_SESSION)
+        self._request_close(RESUMABLE_CLOSE, "invalid session (op 9)", Reconnect.NEW_SESSION, "op9")
 
     def _forget_session(self, reason: str) -> None:
         if self.session_id is not None:
@@ -558,7 +586,9 @@ class Session:
     def tick(self, now: float) -> None:
         if self.state is State.AWAITING_HELLO:
             if self._hello_deadline is not None and now >= self._hello_deadline:
-                self._request_close(RESUMABLE_CLOSE, "no HELLO from Discord", Reconnect.RESUME)
+                self._request_close(
+                    RESUMABLE_CLOSE, "no HELLO from Discord", Reconnect.RESUME, "hello_timeout"
+                )
             return
         if self._next_heartbeat is None or now < self._next_heartbeat:
             return
@@ -567,7 +597,7 @@ class Session:
         if self._awaiting_ack:
             # No ACK since our last beat: the connection is a zombie.
             self._request_close(
-                RESUMABLE_CLOSE, "no heartbeat ACK (zombie connection)", Reconnect.RESUME
+                RESUMABLE_CLOSE, "no heartbeat ACK (zombie connection)", Reconnect.RESUME, "zombie"
             )
             return
         self._send_heartbeat(now)
@@ -623,7 +653,12 @@ class Session:
                 f"op {op} payload is {len(text.encode())} bytes; Discord allows {MAX_PAYLOAD_BYTES}"
             )
         wait = self._budget.retry_after(now, essential)
-        if wait > 0 and not essential:
+        if wait > 0:
+            if essential:
+                # A peer asking for beats faster than the limit gets the ones that fit: Discord
+                # would close us (4008) for the rest.
+                self.commands_dropped += 1
+                return
             raise CommandRateLimited(
                 f"120 commands per 60 s: op {op} may be sent in {wait:.1f} s", wait
             )
@@ -711,20 +746,22 @@ class Session:
         """The owner dropped events it held; let a replay hand them over again."""
         self._delivered = self.committed_sequence or 0
 
-    def reconnect(self, reason: str) -> None:
+    def reconnect(self, reason: str, cause: str = "owner") -> None:
         """The owner wants a fresh connection that resumes (e.g. after a broker outage)."""
         if self.state in (State.DISCONNECTED, State.CLOSING) or self.finished:
             return
-        self._request_close(RESUMABLE_CLOSE, reason, Reconnect.RESUME)
+        # The owner gates the reconnect itself (e.g. until the broker answers): no backoff.
+        self._forced_delay = 0.0
+        self._request_close(RESUMABLE_CLOSE, reason, Reconnect.RESUME, cause)
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _request_close(self, code: int, reason: str, action: Reconnect) -> None:
+    def _request_close(self, code: int, reason: str, action: Reconnect, cause: str) -> None:
         if self.state is State.CLOSING or self.finished:
             return
         self.state = State.CLOSING
         self._pending_action = action
-        self._events.append(Close(code, reason, action))
+        self._events.append(Close(code, reason, action, cause))
 
     def _fail(self, error: FatalGatewayError) -> None:
         self.state = State.FATAL

@@ -14,5 +14,9 @@ def log_message(message: MessageCreate) -> None:
     event = current_event()
     log.info(
         "message %s in channel %s by %s (shard %s, seq %s)",
-        message.id, message.channel_id, message.author.username, event.shard_id, event.sequence,
+        message.id,
+        message.channel_id,
+        message.author.username,
+        event.shard_id,
+        event.sequence,
     )

@@ -121,12 +121,32 @@ def gateway_process(env: Mapping[str, str], name: str = "gateway") -> Proc:
     return Proc(name, [sys.executable, "-m", "ingest"], env)
 
 
-def worker_process(env: Mapping[str, str], *queues: str, name: str = "worker") -> Proc:
+def worker_process(
+    env: Mapping[str, str],
+    *queues: str,
+    name: str = "worker",
+    app: str = "tasks",
+    pool: str = "threads",
+    concurrency: int = 4,
+) -> Proc:
     cmd = [
-        sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel", "INFO",
-        "--pool", "threads", "--concurrency", "4",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-        "-n", f"{name}-{os.getpid()}-{time.monotonic_ns()}@%h",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        app,
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--pool",
+        pool,
+        "--concurrency",
+        str(concurrency),
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "-n",
+        f"{name}-{os.getpid()}-{time.monotonic_ns()}@%h",
     ]
     if queues:
         cmd += ["-Q", ",".join(queues)]

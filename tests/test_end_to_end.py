@@ -14,9 +14,9 @@ from ingest.testing import SimulatorThread
 from ingest.testing.simulator import sample_message_create, sample_typing_start
 from tests.support import (
     base_env,
-    require_broker,
     gateway_process,
     handled_messages,
+    require_broker,
     short_tempdir,
     worker_process,
 )

@@ -1,0 +1,48 @@
+"""Shared fixtures: the real brokers on loopback, skipped on a laptop without them and
+required (a failure, not a skip) when ``CI`` is set."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import pytest
+
+from tests.support import require_broker
+
+REDIS_URL = "redis://127.0.0.1:6379"
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+# Database numbers on the shared Redis, one per test file that flushes or uses fixed queue
+# names (the task queues are always discord.<EVENT>), so files can run at the same time:
+# 5 test_messages, 6 test_handlers, 7 test_publish, 11 test_end_to_end, 12 test_sharding,
+# 9 and 10 test_delivery, 13 test_operations, 14 the benchmark.
+# Take a free one for a new file and add it here.
+
+
+@pytest.fixture
+def redis_server() -> str:
+    """Base URL of the shared Redis (add ``/<db>``); each test file keeps to its own db."""
+    require_broker("redis")
+    return REDIS_URL
+
+
+@pytest.fixture
+def rabbitmq_url() -> str:
+    require_broker("rabbitmq")
+    return RABBITMQ_URL
+
+
+@pytest.fixture
+def unique_event() -> str:
+    """An event name no one else uses, so its queue ``discord.<name>`` is this test's alone."""
+    return f"TEST_{uuid.uuid4().hex[:10].upper()}"
+
+
+@pytest.fixture(autouse=True)
+def _loggers_enabled() -> None:
+    """Celery's in-process worker set-up disables existing loggers; later tests log again."""
+    for logger in logging.Logger.manager.loggerDict.values():
+        if isinstance(logger, logging.Logger):
+            logger.disabled = False
