@@ -34,15 +34,17 @@ def record_store() -> redis.Redis:
 @on("MESSAGE_CREATE")
 def record_message(message: MessageCreate) -> None:
     store = record_store()
+    # Each test run writes under its own prefix, so runs side by side never mix records.
+    prefix = os.environ.get("FAULT_RECORD_PREFIX", "")
     context = current_event()
     if message.content.startswith("slow"):
-        store.rpush("slow:pids", os.getpid())
-        store.incr(f"slow:attempts:{message.id}")
+        store.rpush(f"{prefix}slow:pids", os.getpid())
+        store.incr(f"{prefix}slow:attempts:{message.id}")
         time.sleep(float(os.environ.get("FAULT_SLOW_SECONDS", "5")))
     pipe = store.pipeline(transaction=False)
-    pipe.incr(f"runs:{message.id}")
-    pipe.sadd("handled", message.id)
-    pipe.sadd("shards", str(context.shard_id))
+    pipe.incr(f"{prefix}runs:{message.id}")
+    pipe.sadd(f"{prefix}handled", message.id)
+    pipe.sadd(f"{prefix}shards", str(context.shard_id))
     pipe.execute()
 
 

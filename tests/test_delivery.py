@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,19 +40,23 @@ class Record:
     """What the fault app's handler wrote: which messages ran, and how often."""
 
     client: redis.Redis
+    prefix: str
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
 
     def handled(self) -> set[str]:
-        return {m.decode() for m in self.client.smembers("handled")}
+        return {m.decode() for m in self.client.smembers(self.key("handled"))}
 
     def runs(self, ids: frozenset[str]) -> dict[str, int]:
         keys = sorted(ids)
-        values = self.client.mget([f"runs:{k}" for k in keys])
+        values = self.client.mget([self.key(f"runs:{k}") for k in keys])
         return {k: int(v or 0) for k, v in zip(keys, values, strict=True)}
 
     def wait_handled(self, expected: frozenset[str], timeout: float, *procs: Proc) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.client.scard("handled") >= len(expected):
+            if self.client.scard(self.key("handled")) >= len(expected):
                 return
             time.sleep(0.2)
         missing = len(expected - self.handled())
@@ -63,8 +68,11 @@ class Record:
 def record() -> Iterator[Record]:
     require_broker("redis")
     client = redis.Redis.from_url(RECORD_URL)
-    client.flushdb()
-    yield Record(client)
+    prefix = f"{uuid.uuid4().hex}:"
+    yield Record(client, prefix)
+    keys = list(client.scan_iter(match=f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
     client.close()
 
 
@@ -82,7 +90,7 @@ def shared_redis_broker() -> str:
 
 
 def stack_env(
-    sim: SimulatorThread, broker_url: str, data_dir: Path, **extra: str
+    record: Record, sim: SimulatorThread, broker_url: str, data_dir: Path, **extra: str
 ) -> dict[str, str]:
     return base_env(
         DISCORD_TOKEN="sim-token",
@@ -92,6 +100,7 @@ def stack_env(
         INGEST_DATA_DIR=str(data_dir),
         INGEST_CELERY_APP="tests.fault_app",
         FAULT_RECORD_URL=RECORD_URL,
+        FAULT_RECORD_PREFIX=record.prefix,
         **extra,
     )
 
@@ -140,7 +149,7 @@ def test_gateway_kill_9_mid_stream_loses_nothing_and_dedupe_runs_each_handler_on
     record: Record, data_dir: Path
 ) -> None:
     with SimulatorThread() as sim:
-        env = stack_env(sim, shared_redis_broker(), data_dir)
+        env = stack_env(record, sim, shared_redis_broker(), data_dir)
         worker = worker_process({**env, "INGEST_DEDUPE": "1"}, app="tests.fault_app")
         first = gateway_process(env, name="gateway-1")
         second: Proc | None = None
@@ -172,7 +181,7 @@ def test_sigterm_mid_stream_exits_in_time_and_the_next_process_resumes(
     record: Record, data_dir: Path
 ) -> None:
     with SimulatorThread() as sim:
-        env = stack_env(sim, shared_redis_broker(), data_dir)
+        env = stack_env(record, sim, shared_redis_broker(), data_dir)
         worker = worker_process(env, app="tests.fault_app")
         first = gateway_process(env, name="gateway-1")
         second: Proc | None = None
@@ -214,6 +223,7 @@ def test_redis_down_10_s_mid_stream_loses_nothing_and_the_gateway_stays_up(
         with SimulatorThread() as sim:
             # A small buffer bound, so the outage also exercises shedding and replay.
             env = stack_env(
+                record,
                 sim,
                 broker.url,
                 data_dir,
@@ -268,7 +278,7 @@ def test_rabbitmq_stopped_and_restarted_mid_stream_loses_nothing(
     broker.start()
     try:
         with SimulatorThread() as sim:
-            env = stack_env(sim, broker.url, data_dir)
+            env = stack_env(record, sim, broker.url, data_dir)
             worker = worker_process(env, app="tests.fault_app")
             gateway = gateway_process(env)
             try:
@@ -294,7 +304,7 @@ def test_rabbitmq_stopped_and_restarted_mid_stream_loses_nothing(
 @pytest.mark.timeout(120)
 def test_worker_child_killed_mid_task_runs_the_task_again(record: Record, data_dir: Path) -> None:
     with SimulatorThread() as sim:
-        env = stack_env(sim, shared_redis_broker(), data_dir, FAULT_SLOW_SECONDS="3")
+        env = stack_env(record, sim, shared_redis_broker(), data_dir, FAULT_SLOW_SECONDS="3")
         worker = worker_process(env, app="tests.fault_app", pool="prefork", concurrency=1)
         gateway = gateway_process(env)
         try:
@@ -304,9 +314,9 @@ def test_worker_child_killed_mid_task_runs_the_task_again(record: Record, data_d
             slow["content"] = "slow: kill the worker while I run"
             sim.emit("MESSAGE_CREATE", slow)
             deadline = time.monotonic() + 30
-            while not record.client.llen("slow:pids") and time.monotonic() < deadline:
+            while not record.client.llen(record.key("slow:pids")) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            child = int(record.client.lindex("slow:pids", 0) or 0)
+            child = int(record.client.lindex(record.key("slow:pids"), 0) or 0)
             assert child, "the handler never started"
             os.kill(child, signal.SIGKILL)
             record.wait_handled(frozenset({slow["id"]}), 60, worker)
@@ -314,7 +324,7 @@ def test_worker_child_killed_mid_task_runs_the_task_again(record: Record, data_d
         finally:
             gateway.kill()
             worker.stop()
-    attempts = int(record.client.get(f"slow:attempts:{slow['id']}") or 0)
+    attempts = int(record.client.get(record.key(f"slow:attempts:{slow['id']}")) or 0)
     print(
         f"\nworker killed mid-task: attempts {attempts}, completed runs "
         f"{record.runs(frozenset({slow['id']}))[slow['id']]}"
