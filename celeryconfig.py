@@ -43,6 +43,12 @@ broker_transport_options = {
 # With acks_late each prefetched message is held unacked; keep few per process so a lost
 # worker returns little, while still hiding the broker round trip.
 worker_prefetch_multiplier = 4
+# Off: after a reconnect Celery would shrink the prefetch count and grow it back with one
+# basic.qos per ack, sent from whichever thread acks. With the threads pool on RabbitMQ those
+# threads share one py-amqp connection, wait for each other's qos-ok and the worker hangs
+# for good after a broker restart (seen with stop_app/start_app). The full prefetch from the
+# start is what a worker without that feature does anyway.
+worker_enable_prefetch_count_reduction = False
 
 # Heroku sends SIGTERM with 30 s to go; with REMAP_SIGTERM=SIGQUIT the worker gets a soft
 # shutdown: running handlers get this long to finish, then their messages are requeued.

@@ -9,33 +9,20 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from ingest.testing.processes import clean_env as project_env
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def clean_env(**overrides: str) -> dict[str, str]:
     """This environment without the project's settings, plus ``overrides``."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DISCORD_", "CELERY_", "INGEST_")) and k != "REDIS_URL"
-    }
-    env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
-    env.update(overrides)
-    return env
+    return project_env(ROOT, **overrides)
 
 
 class Child:

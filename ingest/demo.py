@@ -8,22 +8,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from ingest.testing.processes import free_port
+
 COLOURS = ("\033[36m", "\033[33m", "\033[32m")
 RESET = "\033[0m"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _pump(name: str, colour: str, stream: object, width: int) -> None:
@@ -35,7 +29,7 @@ def _pump(name: str, colour: str, stream: object, width: int) -> None:
 
 
 def run_demo(seconds: float | None = None, messages: int = 20) -> int:
-    port = _free_port()
+    port = free_port()
     data_dir = Path(".ingest/demo").resolve()
     env = {k: v for k, v in os.environ.items() if k not in ("CELERY_BROKER_URL", "REDIS_URL")}
     env.update(

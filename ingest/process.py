@@ -241,6 +241,8 @@ class GatewayProcess:
         assert self.pipeline is not None
         await self.pipeline.drain(timeout=max(1.0, deadline - loop.time() - 2))
         publishing.cancel()
+        # Let it unwind before its clients close under it (a save in flight would fail).
+        await asyncio.wait({publishing}, timeout=5)
         await publisher.close()
         if self.identify_scheduler is not None:
             await self.identify_scheduler.close()

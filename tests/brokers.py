@@ -13,7 +13,8 @@ from pathlib import Path
 
 import redis
 
-from tests.support import free_port, service_answers
+from ingest.testing.processes import free_port
+from tests.support import service_answers
 
 
 def _wait_port(port: int, up: bool, timeout: float) -> None:

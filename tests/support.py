@@ -17,15 +17,10 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from ingest.testing.processes import clean_env
+
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGE_LINE = re.compile(r"message (\d+) in channel \d+ by \S+ \(shard (\d+), seq (\d+)\)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextmanager
@@ -107,14 +102,7 @@ class Proc:
 
 
 def base_env(**overrides: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DISCORD_", "CELERY_", "INGEST_")) and k != "REDIS_URL"
-    }
-    env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
-    env.update(overrides)
-    return env
+    return clean_env(ROOT, **overrides)
 
 
 def gateway_process(env: Mapping[str, str], name: str = "gateway") -> Proc:

@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,20 +144,34 @@ def report(
     )
 
 
-@pytest.mark.timeout(240)
-def test_gateway_kill_9_mid_stream_loses_nothing_and_dedupe_runs_each_handler_once(
-    record: Record, data_dir: Path
-) -> None:
+@dataclass
+class Restart:
+    """What a gateway stopped mid-stream and started again left behind."""
+
+    first: Proc
+    second: Proc
+    worker: Proc
+    identifies: int
+    stop_seconds: float
+
+
+def restart_mid_stream(
+    record: Record, data_dir: Path, stop_first: Callable[[Proc], None], **worker_env: str
+) -> Restart:
+    """Stream EVENTS; at 40 % stop the gateway with ``stop_first``, start a new one, and wait
+    until every event was handled."""
     with SimulatorThread() as sim:
         env = stack_env(record, sim, shared_redis_broker(), data_dir)
-        worker = worker_process({**env, "INGEST_DEDUPE": "1"}, app="tests.fault_app")
+        worker = worker_process({**env, **worker_env}, app="tests.fault_app")
         first = gateway_process(env, name="gateway-1")
-        second: Proc | None = None
+        second = None
         try:
             first.wait_for_line("all 1 shards ready")
             emitter = stream(sim, EVENTS, rate=2000)
             wait_emitted(sim, 4000)
-            first.kill()  # SIGKILL: no flush, no final persist
+            started = time.monotonic()
+            stop_first(first)
+            stop_seconds = time.monotonic() - started
             second = gateway_process(env, name="gateway-2")
             second.wait_for_line("resumed session", timeout=30)
             emitter.join(timeout=120)
@@ -168,46 +182,36 @@ def test_gateway_kill_9_mid_stream_loses_nothing_and_dedupe_runs_each_handler_on
             if second is not None:
                 second.kill()
             worker.stop()
-        identifies = len(sim.identify_log)
-    runs = record.runs(EXPECTED)
-    report("kill -9", EVENTS, [first, second], record, [worker])
+        return Restart(first, second, worker, len(sim.identify_log), stop_seconds)
+
+
+@pytest.mark.timeout(240)
+def test_gateway_kill_9_mid_stream_loses_nothing_and_dedupe_runs_each_handler_once(
+    record: Record, data_dir: Path
+) -> None:
+    # SIGKILL: no flush, no final persist; the next process replays from the last checkpoint.
+    run = restart_mid_stream(record, data_dir, Proc.kill, INGEST_DEDUPE="1")
+    report("kill -9", EVENTS, [run.first, run.second], record, [run.worker])
     assert record.handled() == EXPECTED
-    assert set(runs.values()) == {1}, "with dedupe on, each handler runs exactly once"
-    assert identifies == 1, "the restarted gateway resumed; it did not start a new session"
+    assert set(record.runs(EXPECTED).values()) == {1}, "with dedupe, each handler runs once"
+    assert run.identifies == 1, "the restarted gateway resumed; it did not start a new session"
+
+
+def sigterm_and_wait(gateway: Proc) -> None:
+    gateway.signal(signal.SIGTERM)
+    gateway.popen.wait(timeout=30)
+    assert gateway.popen.returncode == 0, gateway.text()[-2000:]
 
 
 @pytest.mark.timeout(240)
 def test_sigterm_mid_stream_exits_in_time_and_the_next_process_resumes(
     record: Record, data_dir: Path
 ) -> None:
-    with SimulatorThread() as sim:
-        env = stack_env(record, sim, shared_redis_broker(), data_dir)
-        worker = worker_process(env, app="tests.fault_app")
-        first = gateway_process(env, name="gateway-1")
-        second: Proc | None = None
-        try:
-            first.wait_for_line("all 1 shards ready")
-            emitter = stream(sim, EVENTS, rate=2000)
-            wait_emitted(sim, 4000)
-            started = time.monotonic()
-            first.signal(signal.SIGTERM)
-            first.popen.wait(timeout=30)
-            took = time.monotonic() - started
-            assert first.popen.returncode == 0, first.text()[-2000:]
-            second = gateway_process(env, name="gateway-2")
-            second.wait_for_line("resumed session", timeout=30)
-            emitter.join(timeout=120)
-            record.wait_handled(EXPECTED, 180, worker, second)
-            assert second.stop() == 0
-        finally:
-            first.kill()
-            if second is not None:
-                second.kill()
-            worker.stop()
-        identifies = len(sim.identify_log)
-    report(f"SIGTERM (exit after {took:.1f} s)", EVENTS, [first, second], record, [worker])
-    assert took < 30
-    assert identifies == 1
+    run = restart_mid_stream(record, data_dir, sigterm_and_wait)
+    label = f"SIGTERM (exit after {run.stop_seconds:.1f} s)"
+    report(label, EVENTS, [run.first, run.second], record, [run.worker])
+    assert run.stop_seconds < 30
+    assert run.identifies == 1
     assert record.handled() == EXPECTED
     # A clean stop commits exactly what the broker holds: not even a duplicate.
     assert set(record.runs(EXPECTED).values()) == {1}

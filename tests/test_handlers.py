@@ -23,6 +23,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from pydantic import ValidationError
 
+from ingest.gateway import Gateway
 from ingest.handlers import (
     EventContext,
     EventTask,
@@ -33,7 +34,9 @@ from ingest.handlers import (
 )
 from ingest.messages import build_event_message
 from ingest.models import GuildCreate, MessageCreate
+from ingest.pipeline import Pipeline
 from ingest.publish import EagerPublisher, RedisPublisher
+from ingest.testing import GatewaySimulator
 from ingest.testing.simulator import sample_guild_create, sample_message_create
 from tasks import app
 from tasks.guilds import count_guild
@@ -150,8 +153,40 @@ def test_the_handler_gets_a_validated_model_not_a_dict(
     assert context.event == "MESSAGE_CREATE"
 
 
+@pytest.mark.timeout(30)
+def test_simulator_gateway_and_handler_in_one_process(
+    recorder: list[tuple[MessageCreate, EventContext]],
+) -> None:
+    # The whole pipeline in this process, no broker: the bundled simulator plays Discord, a
+    # Gateway validates and hands each dispatch to a Pipeline whose publisher runs the handler
+    # task inline (``send_task`` would ignore eager mode; EagerPublisher does not).
+    payloads = [sample_message_create(i) for i in range(3)]
+
+    async def scenario() -> None:
+        async with GatewaySimulator() as sim:
+            pipeline = Pipeline(
+                EagerPublisher(recording_app, propagate=True),
+                subscribed=subscribed_events(recording_app),
+            )
+            gateway = Gateway("sim-token", gateway_url=sim.url, on_dispatch=pipeline.accept)
+            pipeline.attach(gateway)
+            running = asyncio.gather(gateway.run(), pipeline.run())
+            await sim.wait_until(lambda: bool(sim.ready_shards()))
+            for payload in payloads:
+                await sim.emit("MESSAGE_CREATE", payload)
+            await sim.wait_until(lambda: len(recorder) == len(payloads))
+            await gateway.stop()
+            await pipeline.drain(timeout=5)
+            await running
+
+    asyncio.run(scenario())
+    assert [model.id for model, _ in recorder] == [int(p["id"]) for p in payloads]
+    assert [context.sequence for _, context in recorder] == [2, 3, 4]  # READY was 1
+    assert {context.shard_id for _, context in recorder} == {0}
+
+
 @pytest.mark.timeout(10)
-def test_simulator_to_handler_in_one_process_with_the_eager_publisher(
+def test_a_gateway_message_runs_the_handler_inline_with_the_eager_publisher(
     recorder: list[tuple[MessageCreate, EventContext]],
 ) -> None:
     # What the gateway does with every dispatch, then the eager path instead of a broker.

@@ -34,9 +34,10 @@ from ingest.publish import (
     RedisPublisher,
     publisher_for,
 )
+from ingest.testing.processes import free_port
 from ingest.testing.simulator import sample_message_create
 from tests.brokers import PrivateRabbitMQ, rabbitmq_available
-from tests.support import ROOT, free_port, short_tempdir
+from tests.support import ROOT, short_tempdir
 
 REDIS_DB = 7  # this file's own database on the shared Redis (see conftest)
 SESSION = "feedfacefeedfacefeedfacefeedface"
