@@ -27,8 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procs import Child, clean_env, free_port, wait_for
+from bench.procs import Child, clean_env, wait_for
 from bench.watch import AmqpWatch, QueueWatch, RedisWatch
+from ingest.testing.processes import free_port
 
 MESSAGE_QUEUE = "discord.MESSAGE_CREATE"
 GUILD_QUEUE = "discord.GUILD_CREATE"

@@ -357,7 +357,10 @@ class Gateway:
 
     def _on_lifecycle_event(self, event: Event) -> None:
         if isinstance(event, IdentifyRequired):
-            self._identifying = asyncio.ensure_future(self._identify_when_allowed())
+            # A wait begun on an earlier connection still holds our place in the queue: it
+            # identifies on whichever connection is waiting when the slot comes.
+            if self._identifying is None or self._identifying.done():
+                self._identifying = asyncio.ensure_future(self._identify_when_allowed())
         elif isinstance(event, SessionStarted):
             log.info("shard %d ready, session %s", self.shard_id, event.session_id)
         elif isinstance(event, SessionResumed):

@@ -167,6 +167,9 @@ class SessionState:
     resume_url: str | None
     shard_id: int = 0
     shard_count: int = 1
+    # For `python -m ingest status` only: not needed to resume.
+    heartbeat_latency: float | None = None
+    saved_at: float | None = None  # wall-clock time of the save, set by the store
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +351,7 @@ class Session:
             resume_url=self.resume_url,
             shard_id=self.config.shard_id,
             shard_count=self.config.shard_count,
+            heartbeat_latency=self.heartbeat_latency,
         )
 
     # -- connection lifecycle ------------------------------------------------------------------

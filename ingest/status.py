@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from typing import Any, Final
 
 from ingest.errors import ConfigError
@@ -61,6 +62,12 @@ async def collect_status(env: dict[str, str]) -> dict[str, Any]:
                 "session_id": s.session_id,
                 "committed_sequence": s.sequence,
                 "resume_url": s.resume_url,
+                "heartbeat_latency_ms": (
+                    None if s.heartbeat_latency is None else round(s.heartbeat_latency * 1000, 1)
+                ),
+                "saved_seconds_ago": (
+                    None if s.saved_at is None else round(max(0.0, time.time() - s.saved_at), 1)
+                ),
             }
             for s in sessions
         ],
@@ -87,12 +94,18 @@ def _without_password(url: str) -> str:
 
 def format_table(status: dict[str, Any]) -> str:
     lines = [f"broker: {status['broker']}", ""]
-    lines.append(f"{'SHARD':<9} {'SESSION':<34} {'COMMITTED':>10}  RESUME URL")
+    lines.append(
+        f"{'SHARD':<9} {'SESSION':<34} {'COMMITTED':>10} {'HEARTBEAT':>10} {'SAVED':>9}  RESUME URL"
+    )
     for row in status["shards"]:
         committed = "-" if row["committed_sequence"] is None else row["committed_sequence"]
+        latency = row.get("heartbeat_latency_ms")
+        heartbeat = "-" if latency is None else f"{latency:.1f} ms"
+        ago = row.get("saved_seconds_ago")
+        saved = "-" if ago is None else f"{ago:.0f} s ago"
         lines.append(
-            f"{row['shard']:<9} {row['session_id']:<34} {committed!s:>10}  "
-            f"{row['resume_url'] or '-'}"
+            f"{row['shard']:<9} {row['session_id']:<34} {committed!s:>10} {heartbeat:>10} "
+            f"{saved:>9}  {row['resume_url'] or '-'}"
         )
     if not status["shards"]:
         lines.append("(no persisted sessions)")

@@ -11,8 +11,9 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,6 +35,14 @@ class SessionStore(Protocol):
     async def close(self) -> None: ...
 
 
+def _optional_float(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _encode(state: SessionState) -> str:
+    return json.dumps(asdict(replace(state, saved_at=time.time())))
+
+
 def _decode(raw: str | bytes) -> SessionState | None:
     try:
         data: dict[str, Any] = json.loads(raw)
@@ -43,6 +52,8 @@ def _decode(raw: str | bytes) -> SessionState | None:
             resume_url=data.get("resume_url"),
             shard_id=int(data.get("shard_id", 0)),
             shard_count=int(data.get("shard_count", 1)),
+            heartbeat_latency=_optional_float(data.get("heartbeat_latency")),
+            saved_at=_optional_float(data.get("saved_at")),
         )
     except (ValueError, KeyError, TypeError):
         log.warning("ignoring an unreadable stored session")
@@ -70,7 +81,7 @@ class RedisSessionStore:
             return
         pipe = self._redis.pipeline(transaction=False)
         for state in states:
-            pipe.set(self._key(state.shard_id, state.shard_count), json.dumps(asdict(state)))
+            pipe.set(self._key(state.shard_id, state.shard_count), _encode(state))
         await pipe.execute()
 
     async def load_all(self) -> list[SessionState]:
@@ -112,7 +123,7 @@ class FileSessionStore:
             target = self._path(state.shard_id, state.shard_count)
             fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=".session-")
             with os.fdopen(fd, "w") as handle:
-                json.dump(asdict(state), handle)
+                handle.write(_encode(state))
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, target)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import uuid
 from collections.abc import Iterator
 
@@ -13,14 +14,17 @@ import pytest
 import redis
 from celery import Celery
 from kombu import Connection
+from pamqp import encode as pamqp_encode
 
 from ingest.messages import (
     TASK_ID_NAMESPACE,
     TaskMessage,
+    amqp_header_table,
     build_dead_letter_message,
     build_event_message,
     redis_envelope,
     task_id_for,
+    unique_ids,
 )
 from ingest.publish import AmqpPublisher, RedisPublisher
 from ingest.routing import DEAD_LETTER_QUEUE, DEAD_LETTER_TASK
@@ -39,6 +43,82 @@ def test_task_id_is_uuid5_of_session_shard_and_sequence() -> None:
     assert task_id_for(SESSION, 3, 1235) != expected
     assert task_id_for(SESSION, 4, 1234) != expected
     assert task_id_for("other", 3, 1234) != expected
+
+
+def test_task_id_matches_uuid5_across_sessions_shards_and_sequences() -> None:
+    # task_id_for caches the hash of "<session>/<shard>/": the cache must not mix them up.
+    for session in (SESSION, "other", ""):
+        for shard in (0, 7, 1023):
+            for sequence in (0, 1, 99, 2**40):
+                name = f"{session}/{shard}/{sequence}"
+                expected = str(uuid.uuid5(TASK_ID_NAMESPACE, name))
+                assert task_id_for(session, shard, sequence) == expected
+
+
+# Event names and session ids that would break naive splicing into JSON or AMQP tables.
+_ODD = [
+    ("MESSAGE_CREATE", SESSION, 3, 5),
+    ('ODD"EVENT\\\u00e9', 'se"ss\u2603ion', 0, 10**12),
+    ("GUILD_CREATE", "", 65535, 0),
+    ("X", "s", 200, 40000),
+]
+
+
+@pytest.mark.parametrize(("event", "session", "shard", "sequence"), _ODD)
+def test_spliced_redis_envelope_is_the_json_of_kombus_envelope(
+    event: str, session: str, shard: int, sequence: int
+) -> None:
+    data = orjson.dumps({"d": 'x"\\\u0000'})
+    message = build_event_message(
+        event, data, shard_id=shard, sequence=sequence, session_id=session
+    )
+    envelope = orjson.loads(redis_envelope(message))
+    tag = envelope["properties"].pop("delivery_tag")
+    assert envelope == {
+        "body": base64.b64encode(message.body).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": message.headers,
+        "properties": {
+            "correlation_id": message.task_id,
+            "reply_to": "",
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": message.queue},
+            "priority": 0,
+            "body_encoding": "base64",
+        },
+    }
+    assert message.headers["argsrepr"] == f"[<{event} {len(data)} bytes>]"
+    # A delivery tag is unique per delivery: the same message pushed twice gets two.
+    assert orjson.loads(redis_envelope(message))["properties"]["delivery_tag"] != tag
+
+
+@pytest.mark.parametrize(("event", "session", "shard", "sequence"), _ODD)
+def test_spliced_amqp_header_table_is_what_pamqp_encodes(
+    event: str, session: str, shard: int, sequence: int
+) -> None:
+    message = build_event_message(
+        event, b"{}", shard_id=shard, sequence=sequence, session_id=session
+    )
+    assert amqp_header_table(message) == pamqp_encode.field_table(message.headers)
+    dead = build_dead_letter_message(
+        reason="r", raw=b"\xff", event=None, shard_id=1, sequence=None, session_id=session
+    )
+    assert amqp_header_table(dead) == pamqp_encode.field_table(dead.headers)
+
+
+def test_unique_ids_differ_in_a_forked_child() -> None:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, unique_ids.next())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 200)
+    os.close(read)
+    parent = unique_ids.next()
+    assert child.split(b".")[0] != parent.split(b".")[0]
 
 
 def test_event_body_carries_the_payload_bytes_untouched() -> None:

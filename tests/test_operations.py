@@ -30,6 +30,7 @@ from ingest.logs import JsonFormatter, RateLimitedLogger, RedactingFilter, confi
 from ingest.metrics import LATENCY_BUCKETS, Metrics, redis_queue_depths
 from ingest.session import SessionConfig
 from ingest.testing import SimulatorThread
+from ingest.testing.processes import free_port
 from ingest.testing.simulator import (
     sample_guild_create,
     sample_message_create,
@@ -39,7 +40,6 @@ from tests.support import (
     ROOT,
     Proc,
     base_env,
-    free_port,
     gateway_process,
     handled_messages,
     require_broker,
@@ -504,7 +504,10 @@ def test_reconnects_and_resumes_lose_nothing(deployment: Deployment) -> None:
         what="the 20 messages sent between reconnects",
     )
     scraped = deployment.scrape()
-    assert value(scraped, "discord_ingest_resumes_total", cause="reconnect") >= 4
+    # Each disturbance is counted under its own cause, as a reconnect and as a resume.
+    for cause in ("op7", "dropped", "op9_resumable", "close_4000"):
+        assert value(scraped, "discord_ingest_reconnects_total", cause=cause) >= 1, cause
+        assert value(scraped, "discord_ingest_resumes_total", cause=cause) >= 1, cause
     assert value(scraped, "discord_ingest_shard_resumes_total", shard="0") >= 4
     assert value(scraped, "discord_ingest_sessions_lost_total") == 0
     assert "fatal" not in gateway.text().lower()
