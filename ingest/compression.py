@@ -20,6 +20,10 @@ class Compression(enum.Enum):
     ZSTD_STREAM = "zstd-stream"
 
 
+# Output is produced at most this much at a time, so memory tracks what was really inflated.
+INFLATE_STEP = 1 << 20
+
+
 class DecompressionError(Exception):
     """The stream is corrupt or a message is too large; the connection cannot continue."""
 
@@ -45,13 +49,24 @@ class ZlibStreamInflater:
         data = bytes(self._buffer)
         self._buffer.clear()
         try:
-            # Inflate in bounded steps: a small frame must not be allowed to expand to GBs.
-            out = self._inflate.decompress(data, self._max_message + 1)
-            if len(out) > self._max_message or self._inflate.unconsumed_tail:
-                raise DecompressionError(f"decompressed message exceeds {self._max_message} bytes")
+            # Inflate in bounded steps: a small frame must not expand to GBs, and asking zlib
+            # for all of max_message at once would let it build that much twice over.
+            piece = self._inflate.decompress(data, INFLATE_STEP)
+            if len(piece) < INFLATE_STEP and not self._inflate.unconsumed_tail:
+                return piece  # the common case: one step, no copies
+            out = bytearray(piece)
+            while True:
+                tail = self._inflate.unconsumed_tail
+                piece = self._inflate.decompress(tail, INFLATE_STEP)
+                out += piece
+                if len(out) > self._max_message:
+                    raise DecompressionError(
+                        f"decompressed message exceeds {self._max_message} bytes"
+                    )
+                if len(piece) < INFLATE_STEP and not self._inflate.unconsumed_tail:
+                    return bytes(out)
         except zlib.error as exc:
             raise DecompressionError(f"corrupt zlib stream: {exc}") from None
-        return out
 
 
 class ZstdStreamInflater:

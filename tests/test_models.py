@@ -446,11 +446,11 @@ def test_celery_pydantic_task_receives_models_from_json_payloads() -> None:
     seen: list[DiscordModel] = []
 
     # Celery's task decorator is untyped; the test is about what it does at runtime.
-    @app.task(pydantic=True, name="discord.MESSAGE_CREATE")  # type: ignore[untyped-decorator]
+    @app.task(pydantic=True, name="discord.MESSAGE_CREATE", shared=False)  # type: ignore[untyped-decorator]
     def on_message(event: MessageCreate) -> None:
         seen.append(event)
 
-    @app.task(pydantic=True, name="discord.RESUMED")  # type: ignore[untyped-decorator]
+    @app.task(pydantic=True, name="discord.RESUMED", shared=False)  # type: ignore[untyped-decorator]
     def on_resumed(event: Resumed) -> None:
         seen.append(event)
 
