@@ -684,7 +684,7 @@ def test_frames_after_we_asked_to_close_are_counted() -> None:
 
 BOMB_SCRIPT = textwrap.dedent(
     """
-    import resource, threading, time, zlib
+    import threading, time, zlib
     import psutil
     from ingest.compression import Compression
     from ingest.protocol import ZLIB_SUFFIX
@@ -726,7 +726,11 @@ BOMB_SCRIPT = textwrap.dedent(
     print("compressed", len(bomb))
     print("before", before)
     print("peak", peak[0])
-    print("maxrss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork/exec,
+    # so under a big pytest process it would report the parent's size, not ours.
+    with open("/proc/self/status") as status:
+        hwm = next(line for line in status if line.startswith("VmHWM:"))
+    print("maxrss", int(hwm.split()[1]) * 1024)
     print("seconds", elapsed)
     print("rejected", rejected[0].reason if rejected else None)
     print("closing", session.state is State.CLOSING)
