@@ -43,6 +43,8 @@ from ingest.models import (
 SAMPLES_DIR = Path(__file__).parent / "samples"
 SAMPLES = sorted(SAMPLES_DIR.glob("*.json"))
 EVENT_NAMES = [path.stem for path in SAMPLES]
+# Events whose sample has an object payload (RESUMED's d is null: no fields to check).
+OBJECT_EVENT_NAMES = [name for name in EVENT_NAMES if name != "RESUMED"]
 
 
 def raw_sample(event: str) -> bytes:
@@ -88,11 +90,9 @@ def test_json_bytes_and_parsed_dict_validate_to_the_same_model(event: str) -> No
     assert from_bytes == validate_event(event, sample(event))
 
 
-@pytest.mark.parametrize("event", EVENT_NAMES)
+@pytest.mark.parametrize("event", OBJECT_EVENT_NAMES)
 def test_declared_id_fields_hold_ints(event: str) -> None:
     data = sample(event)
-    if data is None:
-        pytest.skip("null payload")
     model = validate_event(event, data)
     declared = type(model).model_fields
     checked = 0
@@ -125,11 +125,9 @@ def test_json_dump_round_trips_to_an_equal_model(event: str) -> None:
     assert rebuilt == model
 
 
-@pytest.mark.parametrize("event", EVENT_NAMES)
+@pytest.mark.parametrize("event", OBJECT_EVENT_NAMES)
 def test_json_dump_of_set_fields_reproduces_the_wire_payload(event: str) -> None:
     data = sample(event)
-    if data is None:
-        pytest.skip("null payload")
     dumped = validate_event(event, data).model_dump(mode="json", exclude_unset=True)
     assert _same_json(dumped, data), f"{event}: dump differs from the sample"
 
