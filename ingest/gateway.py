@@ -89,6 +89,7 @@ class Gateway:
         read_gate: asyncio.Event | None = None,
         backoff_base: float = 1.0,
         max_message_bytes: int = 64 * 1024 * 1024,
+        hello_timeout: float = 20.0,
     ) -> None:
         comp = Compression(compression)
         if comp is Compression.ZSTD_STREAM and not zstd_available():
@@ -107,6 +108,7 @@ class Gateway:
                 auto_commit=on_dispatch is None,
                 backoff_base=backoff_base,
                 max_message_bytes=max_message_bytes,
+                hello_timeout=hello_timeout,
             ),
             resume_from=resume_from,
         )
@@ -280,6 +282,7 @@ class Gateway:
         self._ws = ws
         self._outbox = asyncio.Queue()
         session.connection_made(loop.time())
+        self._arm_timer()  # the HELLO deadline: a silent peer must not hang us
         writer = asyncio.create_task(self._writer(ws, self._outbox))
         code: int | None = None
         try:
@@ -287,7 +290,11 @@ class Gateway:
                 session.receive_frame(frame, loop.time())
                 self._process_events()
                 if self._read_gate is not None and not self._read_gate.is_set():
-                    await self._read_gate.wait()
+                    session.inbound_paused = True
+                    try:
+                        await self._read_gate.wait()
+                    finally:
+                        session.inbound_paused = False
         except ConnectionClosed:
             pass
         finally:

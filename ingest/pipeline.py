@@ -69,7 +69,7 @@ class Pipeline:
         self._queue: deque[_Entry] = deque()
         # Entries per gateway still waiting: a dropped event may commit at once only when
         # nothing before it on its shard is still unpublished.
-        self._waiting: dict[int, int] = {}
+        self._waiting: dict[tuple[int, str | None], int] = {}
         self._wakeup = asyncio.Event()
         self._healthy = asyncio.Event()
         self._healthy.set()
@@ -78,6 +78,7 @@ class Pipeline:
         self.has_room.set()
         self._gateways: list[Gateway] = []
         self._dirty: set[int] = set()
+        self._save_lock = asyncio.Lock()
         self._last_save = 0.0
         self._outage_since: float | None = None
         self._stopping = False
@@ -136,11 +137,13 @@ class Pipeline:
                     sequence=dispatch.sequence,
                     session_id=session_id,
                 )
-        key = id(gateway)
+        # Per shard *and session*: after Discord replaces a session, the new one's events do
+        # not wait behind the old one's (whose commits the session would ignore anyway).
+        key = (id(gateway), dispatch.session_id)
         if message is None and not self._waiting.get(key):
-            # Nothing of this shard is in flight: an unwanted event is done at once.
+            # Nothing of this session is in flight: an unwanted event is done at once.
             gateway.commit(dispatch.sequence, dispatch.session_id)
-            self._dirty.add(key)
+            self._dirty.add(id(gateway))
             return
         self._waiting[key] = self._waiting.get(key, 0) + 1
         self._queue.append(
@@ -168,8 +171,7 @@ class Pipeline:
             sequence=None,
             session_id=gateway.session_id or "",
         )
-        key = id(gateway)
-        self._waiting[key] = self._waiting.get(key, 0) + 1
+        # No sequence: it holds no commit back, it only needs publishing.
         self._queue.append(_Entry(gateway, None, None, "(frame)", message, time.monotonic()))
         self._wakeup.set()
 
@@ -263,21 +265,23 @@ class Pipeline:
         # The batch may have been shed meanwhile (an outage bound hit while we awaited).
         if not self._queue or self._queue[0] is not batch[0]:
             return
-        latest: dict[int, _Entry] = {}
+        latest: dict[tuple[int, str | None], _Entry] = {}
         for entry in batch:
             self._queue.popleft()
-            key = id(entry.gateway)
-            self._waiting[key] -= 1
             if entry.sequence is not None:
+                key = (id(entry.gateway), entry.session_id)
+                self._waiting[key] -= 1
+                if not self._waiting[key]:
+                    del self._waiting[key]
                 latest[key] = entry
             if entry.message is not None and entry.message.task_name != DEAD_LETTER_TASK:
                 self.metrics.published(entry.event, now - entry.received_at)
         if not self.has_room.is_set() and len(self._queue) <= self.max_buffered // 2:
             self.has_room.set()
-        for key, entry in latest.items():
+        for entry in latest.values():
             assert entry.sequence is not None
             entry.gateway.commit(entry.sequence, entry.session_id)
-            self._dirty.add(key)
+            self._dirty.add(id(entry.gateway))
         self.metrics.batch(published, now - started)
 
     async def _save_if_due(self, force: bool = False) -> None:
@@ -286,18 +290,23 @@ class Pipeline:
         now = time.monotonic()
         if not force and now - self._last_save < self.save_interval:
             return
-        states = [
-            state
-            for gateway in self._gateways
-            if id(gateway) in self._dirty and (state := gateway.session.snapshot()) is not None
-        ]
-        try:
-            await self.store.save(states)
-        except Exception as exc:  # noqa: BLE001 - a store hiccup must not stop publishing
-            log.warning("could not persist sessions: %r", exc)
-            return
-        self._dirty.clear()
-        self._last_save = now
+        # One save at a time (run() and drain() both save): an older snapshot must never land
+        # after a newer one.
+        async with self._save_lock:
+            saving = set(self._dirty)
+            states = [
+                state
+                for gateway in self._gateways
+                if id(gateway) in saving and (state := gateway.session.snapshot()) is not None
+            ]
+            try:
+                await self.store.save(states)
+            except Exception as exc:  # noqa: BLE001 - a store hiccup must not stop publishing
+                log.warning("could not persist sessions: %s: %s", type(exc).__name__, exc)
+                return
+            # Marks added while we awaited stay for the next save.
+            self._dirty -= saving
+            self._last_save = now
 
     async def drain(self, timeout: float) -> None:
         """Publish what is held (bounded by ``timeout``), then persist the sessions."""

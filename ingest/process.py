@@ -104,6 +104,10 @@ class GatewayProcess:
 
         publisher = self._publisher or publisher_for(config.broker_url, app)
         await self._connect_publisher(publisher)
+        if self._shutdown.is_set():
+            log.info("stopped before the broker answered; nothing was received")
+            await publisher.close()
+            return
         await publisher.declare(
             [route_for(e).queue for e in sorted(subscribed)] + [DEAD_LETTER_QUEUE]
         )

@@ -200,6 +200,7 @@ class SessionConfig:
     max_frame_bytes: int = 16 * 1024 * 1024
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
+    hello_timeout: float = HELLO_TIMEOUT
 
     def __repr__(self) -> str:
         return (
@@ -306,6 +307,8 @@ class Session:
         self.fatal_error: FatalGatewayError | None = None
         self._stopping = False
         self._attempted = False
+        # Set by the shell while it holds off reading (backpressure).
+        self.inbound_paused = False
         self._hello_deadline: float | None = None
         # Frames that arrived after we asked to close (never read), and commands not sent
         # because even an essential one may not break the 120-per-60-s limit.
@@ -391,7 +394,7 @@ class Session:
         self._awaiting_ack = False
         self._connected_at = None
         self._pending_action = None
-        self._hello_deadline = now + HELLO_TIMEOUT
+        self._hello_deadline = now + self.config.hello_timeout
 
     def connection_lost(self, code: int | None, now: float) -> None:
         """The socket is gone: ``code`` is the peer's close code, None for a drop with no frame."""
@@ -473,8 +476,9 @@ class Session:
             case Opcode.DISPATCH:
                 self._on_dispatch(payload, raw, now)
             case Opcode.HEARTBEAT:
-                # Discord asks for a beat now; answer at once, it does not move the schedule.
-                self._send_heartbeat(now)
+                # Discord asks for a beat now; answer at once. It does not move the schedule,
+                # nor arm the zombie check: only our own scheduled beats do that.
+                self._send_heartbeat(now, scheduled=False)
             case Opcode.HEARTBEAT_ACK:
                 self._awaiting_ack = False
                 if self._last_heartbeat_sent is not None:
@@ -598,8 +602,9 @@ class Session:
             return
         if self.state in (State.CLOSING, State.DISCONNECTED) or self.finished:
             return
-        if self._awaiting_ack:
-            # No ACK since our last beat: the connection is a zombie.
+        if self._awaiting_ack and not self.inbound_paused:
+            # No ACK since our last beat: the connection is a zombie. (Not while our owner has
+            # paused reading: the ACK may be waiting unread behind the dispatches.)
             self._request_close(
                 RESUMABLE_CLOSE, "no heartbeat ACK (zombie connection)", Reconnect.RESUME, "zombie"
             )
@@ -633,16 +638,20 @@ class Session:
         d = {
             "token": self.config.token,
             "session_id": self.session_id,
-            "seq": self.committed_sequence,
+            # Nothing durable yet in this session (e.g. READY still in flight): ask Discord
+            # to replay it all rather than send a null it would refuse.
+            "seq": self.committed_sequence or 0,
         }
         self._enqueue(Opcode.RESUME, d, now, essential=True)
         self.state = State.RESUMING
 
-    def _send_heartbeat(self, now: float) -> None:
+    def _send_heartbeat(self, now: float, *, scheduled: bool = True) -> None:
         # The committed sequence, never one the broker may not have (see README: delivery).
-        self._enqueue(Opcode.HEARTBEAT, self.committed_sequence, now, essential=True)
+        if not self._enqueue(Opcode.HEARTBEAT, self.committed_sequence, now, essential=True):
+            return  # not sent (send budget spent): no ACK to wait for
         self._last_heartbeat_sent = now
-        self._awaiting_ack = True
+        if scheduled:
+            self._awaiting_ack = True
 
     def send(self, op: int, d: Any, now: float) -> None:
         """Queue a command from the application; raises instead of breaking Discord's limits."""
@@ -650,7 +659,8 @@ class Session:
             raise NotConnected(f"cannot send op {op}: session is {self.state.value}")
         self._enqueue(op, d, now, essential=False)
 
-    def _enqueue(self, op: int, d: Any, now: float, *, essential: bool) -> None:
+    def _enqueue(self, op: int, d: Any, now: float, *, essential: bool) -> bool:
+        """Queue a payload; False if an essential one had to be dropped for the budget."""
         text = orjson.dumps({"op": int(op), "d": d}).decode()
         if len(text.encode()) > MAX_PAYLOAD_BYTES:
             raise PayloadTooLarge(
@@ -662,12 +672,13 @@ class Session:
                 # A peer asking for beats faster than the limit gets the ones that fit: Discord
                 # would close us (4008) for the rest.
                 self.commands_dropped += 1
-                return
+                return False
             raise CommandRateLimited(
                 f"120 commands per 60 s: op {op} may be sent in {wait:.1f} s", wait
             )
         self._budget.record(now)
         self._outbox.append(text)
+        return True
 
     def send_retry_after(self, now: float) -> float:
         return self._budget.retry_after(now, essential=False)

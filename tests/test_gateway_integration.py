@@ -536,3 +536,37 @@ def test_stop_during_the_handshake_ends_run() -> None:
             assert sim.identify_log == []
 
     run(scenario)
+
+
+@pytest.mark.timeout(30)
+def test_a_peer_that_never_says_hello_is_left_and_redialled() -> None:
+    # A handshake that succeeds, then silence: the HELLO deadline must have a timer of its own.
+    from websockets.asyncio.server import ServerConnection, serve
+
+    connections = 0
+
+    async def silent(ws: ServerConnection) -> None:
+        nonlocal connections
+        connections += 1
+        await ws.wait_closed()
+
+    async def scenario() -> None:
+        async with serve(silent, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            gateway = Gateway(
+                "sim-token",
+                gateway_url=f"ws://127.0.0.1:{port}",
+                compression="none",
+                backoff_base=0.05,
+                hello_timeout=0.3,
+            )
+            running = asyncio.create_task(gateway.run())
+            deadline = asyncio.get_running_loop().time() + 10
+            while connections < 3 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            await gateway.stop()
+            await asyncio.wait_for(running, 10)
+            assert gateway.reconnect_causes["hello_timeout"] >= 2
+
+    asyncio.run(scenario())
+    assert connections >= 3

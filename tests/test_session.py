@@ -11,6 +11,7 @@ import pytest
 
 from ingest.compression import Compression
 from ingest.errors import CommandRateLimited, NotConnected, PayloadTooLarge
+from ingest.protocol import RESUMABLE_CLOSE as RESUMABLE_CLOSE_CODE
 from ingest.protocol import CloseCode, Intents, Opcode, Reconnect, classify_close
 from ingest.session import (
     Backoff,
@@ -583,3 +584,54 @@ def test_the_token_never_appears_in_reprs() -> None:
     assert TOKEN not in repr(session)
     assert TOKEN not in repr(session.config)
     assert "REDACTED" in repr(session.config)
+
+
+def test_resume_before_anything_is_committed_asks_for_a_full_replay_not_null() -> None:
+    session = make_session(auto_commit=False)
+    session.next_connection(0.0)
+    session.connection_made(0.0)
+    session.receive_frame(hello(), 0.0)
+    session.identify(0.0)
+    session.receive_frame(ready(), 0.1)  # READY received but not yet committed
+    session.events_received()
+    session.receive_frame(frame(Opcode.RECONNECT), 0.2)
+    session.connection_lost(RESUMABLE_CLOSE_CODE, 0.2)
+    session.next_connection(0.2)
+    session.connection_made(0.3)
+    session.data_to_send()
+    session.receive_frame(hello(), 0.3)
+    assert sent(session) == [
+        {"op": Opcode.RESUME, "d": {"token": TOKEN, "session_id": "sess-1", "seq": 0}}
+    ]
+
+
+def test_a_server_requested_beat_does_not_arm_the_zombie_check() -> None:
+    session = connected(make_session(rng_value=0.0))
+    session.tick(0.0)  # scheduled beat
+    session.receive_frame(frame(Opcode.HEARTBEAT_ACK), 0.1)
+    session.receive_frame(frame(Opcode.HEARTBEAT), 39.99)  # Discord asks just before our beat
+    session.events_received()
+    session.tick(40.0)  # its ACK is still on the way: not a zombie
+    assert not any(isinstance(e, Close) for e in session.events_received())
+    assert [p["op"] for p in sent(session)] == [Opcode.HEARTBEAT] * 3
+
+
+def test_no_zombie_verdict_while_the_owner_has_paused_reading() -> None:
+    session = connected(make_session(rng_value=0.0))
+    session.tick(0.0)
+    session.inbound_paused = True  # the ACK may sit unread behind paused dispatches
+    session.tick(40.0)
+    assert not any(isinstance(e, Close) for e in session.events_received())
+    session.inbound_paused = False
+    session.tick(80.0)
+    assert any(isinstance(e, Close) and e.cause == "zombie" for e in session.events_received())
+
+
+def test_a_silent_peer_is_given_up_after_the_hello_timeout() -> None:
+    session = make_session(hello_timeout=5.0)
+    session.next_connection(0.0)
+    session.connection_made(0.0)
+    assert session.next_deadline() == 5.0
+    session.tick(5.0)
+    (close,) = session.events_received()
+    assert isinstance(close, Close) and close.cause == "hello_timeout"
