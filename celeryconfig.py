@@ -28,12 +28,20 @@ task_ignore_result = True
 task_acks_late = True
 task_reject_on_worker_lost = True
 
+_visibility_timeout = int(os.environ.get("INGEST_VISIBILITY_TIMEOUT", "3600"))
+
 broker_transport_options = {
     # Redis only: an unacked message returns to its queue after this long. It must exceed the
     # longest handler run (plus its ETA, if any), or a slow handler's event runs twice.
     # One hour leaves room for handlers that take minutes; lower it only with short handlers.
     # It is also how long a message a worker held when it lost Redis waits to run again.
-    "visibility_timeout": int(os.environ.get("INGEST_VISIBILITY_TIMEOUT", "3600")),
+    "visibility_timeout": _visibility_timeout,
+    # Workers sweep for such messages every interval x throttle seconds (kombu: 10 x 10) under
+    # a mutex that outlives a dead sweeper by unacked_mutex_expire (kombu: 300 s). Scale both
+    # with a short visibility timeout, or it would be the sweep, not the timeout, that waits.
+    "unacked_restore_interval": max(1, min(10, _visibility_timeout // 10)),
+    "unacked_restore_throttle": 1 if _visibility_timeout < 1000 else 10,
+    "unacked_mutex_expire": min(300, _visibility_timeout),
     "socket_timeout": 10,
     "socket_connect_timeout": 10,
     "socket_keepalive": True,
