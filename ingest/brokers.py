@@ -33,6 +33,13 @@ log = logging.getLogger("ingest.brokers")
 
 # Every spelling of a Redis broker URL kombu or redis-py accepts.
 REDIS_SCHEMES: Final = frozenset({"redis", "rediss", "redis+socket", "socket", "unix"})
+
+
+def is_redis_url(url: str) -> bool:
+    """Whether ``url`` names a Redis (TCP, TLS or unix socket, kombu's or redis-py's spelling)."""
+    return url.split("://", 1)[0] in REDIS_SCHEMES
+
+
 DEFAULT_DATA_DIR: Final = ".ingest"
 SOCKET_NAME: Final = "broker.sock"
 START_TIMEOUT: Final = 10.0

@@ -14,6 +14,8 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final
 
+from ingest.brokers import is_redis_url, redis_py_url
+
 log = logging.getLogger("ingest.metrics")
 
 # Receipt-to-broker-acceptance latency buckets (seconds): a batch normally lands in a few ms;
@@ -259,11 +261,9 @@ def redis_queue_depths(
 
     The scrape thread calls it, so it is synchronous and bounded by ``timeout``.
     """
-    if url.split("://", 1)[0] not in ("redis", "rediss", "redis+socket", "unix", "socket"):
+    if not is_redis_url(url):
         return None
     import redis
-
-    from ingest.brokers import redis_py_url
 
     names = sorted(set(queues))
     client = redis.Redis.from_url(

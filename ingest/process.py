@@ -13,6 +13,7 @@ import signal
 import sys
 from typing import Any
 
+from ingest.brokers import is_redis_url, redis_py_url
 from ingest.config import Config
 from ingest.errors import BrokerUnavailable, ConfigError, FatalGatewayError
 from ingest.gateway import Gateway
@@ -34,7 +35,6 @@ log = logging.getLogger("ingest.process")
 
 # Heroku sends SIGKILL 30 s after SIGTERM; finish well inside it.
 SHUTDOWN_BUDGET_SECONDS = 20.0
-REDIS_SCHEMES = ("redis", "rediss", "redis+socket", "unix", "socket")
 
 
 def load_celery_app(module_name: str) -> Any:
@@ -222,9 +222,7 @@ class GatewayProcess:
 
     def _identify_scheduler(self, max_concurrency: int) -> IdentifyScheduler:
         url = self.config.state_url or self.config.broker_url
-        if url.split("://", 1)[0] in REDIS_SCHEMES:
-            from ingest.brokers import redis_py_url
-
+        if is_redis_url(url):
             return RedisIdentifyScheduler(redis_py_url(url), max_concurrency)
         return LocalIdentifyScheduler(max_concurrency)
 

@@ -14,9 +14,9 @@ import sys
 import time
 from typing import Any, Final
 
+from ingest.brokers import is_redis_url
 from ingest.errors import ConfigError
 
-REDIS_SCHEMES: Final = ("redis", "rediss", "redis+socket", "unix", "socket")
 TIMEOUT_SECONDS: Final = 5.0
 
 
@@ -32,7 +32,7 @@ async def collect_status(env: dict[str, str]) -> dict[str, Any]:
     finally:
         await store.close()
     queues: dict[str, int] = {}
-    if broker_url.split("://", 1)[0] in REDIS_SCHEMES:
+    if is_redis_url(broker_url):
         import redis.asyncio as aioredis
 
         client = aioredis.Redis.from_url(

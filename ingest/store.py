@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from ingest.brokers import redis_py_url
+from ingest.brokers import is_redis_url, redis_py_url
 from ingest.session import SessionState
 
 log = logging.getLogger("ingest.store")
@@ -143,7 +143,7 @@ class FileSessionStore:
 def store_for(state_url: str | None, broker_url: str, data_dir: Path) -> SessionStore:
     """Redis if the state URL or the broker is Redis; a file in ``data_dir`` otherwise."""
     url = state_url or broker_url
-    if url.split("://", 1)[0] in ("redis", "rediss", "redis+socket", "unix", "socket"):
+    if is_redis_url(url):
         return RedisSessionStore(url)
     if state_url and state_url.startswith("file://"):
         return FileSessionStore(Path(state_url[len("file://") :]))
