@@ -8,10 +8,9 @@ import uuid
 
 import pytest
 
-from tests.support import require_broker
+from tests.support import RABBITMQ_URL, REDIS_HOST, REDIS_PORT, require_broker
 
-REDIS_URL = "redis://127.0.0.1:6379"
-RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}"
 
 
 # Database numbers on the shared Redis, one per test file that flushes or uses fixed queue

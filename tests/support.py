@@ -16,10 +16,23 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ingest.testing.processes import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
+# The shared brokers; INGEST_TEST_REDIS ("host:port") and INGEST_TEST_AMQP (a URL, e.g. with a
+# vhost of its own) let two checkouts run their suites side by side without sharing queues.
+REDIS_HOST, _, _redis_port = os.environ.get("INGEST_TEST_REDIS", "127.0.0.1:6379").partition(":")
+REDIS_PORT = int(_redis_port or 6379)
+RABBITMQ_URL = os.environ.get("INGEST_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def redis_url(db: int) -> str:
+    """URL of database ``db`` on the shared test Redis."""
+    return f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+
+
 MESSAGE_LINE = re.compile(r"message (\d+) in channel \d+ by \S+ \(shard (\d+), seq (\d+)\)")
 
 
@@ -163,10 +176,15 @@ def require_broker(kind: str) -> None:
     """Skip without the shared broker on a developer's machine; in CI a skip is a failure."""
     import pytest
 
-    port = {"redis": 6379, "rabbitmq": 5672}.get(kind)
-    if port is None or service_answers("127.0.0.1", port):
+    amqp = urlsplit(RABBITMQ_URL)
+    where = {
+        "redis": (REDIS_HOST, REDIS_PORT),
+        "rabbitmq": (amqp.hostname or "127.0.0.1", amqp.port or 5672),
+    }
+    if kind not in where or service_answers(*where[kind]):
         return
-    message = f"{kind} is not answering on 127.0.0.1:{port}"
+    host, port = where[kind]
+    message = f"{kind} is not answering on {host}:{port}"
     if os.environ.get("CI"):
         pytest.fail(f"{message} (CI must run every broker test)")
     pytest.skip(message)

@@ -21,9 +21,12 @@ from ingest.testing import SimulatorThread
 from ingest.testing.simulator import sample_message_create
 from tests.brokers import PrivateRabbitMQ, PrivateRedis, rabbitmq_available
 from tests.support import (
+    REDIS_HOST,
+    REDIS_PORT,
     Proc,
     base_env,
     gateway_process,
+    redis_url,
     require_broker,
     short_tempdir,
     worker_process,
@@ -32,7 +35,7 @@ from tests.support import (
 EVENTS = 10_000
 BROKER_DB = 9
 RECORD_DB = 10
-RECORD_URL = f"redis://127.0.0.1:6379/{RECORD_DB}"
+RECORD_URL = redis_url(RECORD_DB)
 EXPECTED = frozenset(sample_message_create(i)["id"] for i in range(EVENTS))
 
 
@@ -95,10 +98,10 @@ def data_dir() -> Iterator[Path]:
 
 
 def shared_redis_broker() -> str:
-    client = redis.Redis(host="127.0.0.1", port=6379, db=BROKER_DB)
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=BROKER_DB)
     client.flushdb()
     client.close()
-    return f"redis://127.0.0.1:6379/{BROKER_DB}"
+    return redis_url(BROKER_DB)
 
 
 def stack_env(

@@ -13,9 +13,13 @@ import redis
 from ingest.testing import SimulatorThread
 from ingest.testing.simulator import sample_message_create, sample_typing_start
 from tests.support import (
+    RABBITMQ_URL,
+    REDIS_HOST,
+    REDIS_PORT,
     base_env,
     gateway_process,
     handled_messages,
+    redis_url,
     require_broker,
     short_tempdir,
     worker_process,
@@ -23,16 +27,16 @@ from tests.support import (
 
 EVENTS = 1000
 REDIS_DB = 11
-RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672//"
+RABBIT_URL = RABBITMQ_URL
 QUEUES = ("discord.MESSAGE_CREATE", "discord.GUILD_CREATE", "discord.invalid")
 
 
 def _broker_env(kind: str, data_dir: Path) -> dict[str, str]:
     if kind == "redis":
-        client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
+        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB)
         client.flushdb()
         client.close()
-        return {"CELERY_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}"}
+        return {"CELERY_BROKER_URL": redis_url(REDIS_DB)}
     if kind == "rabbitmq":
         from kombu import Connection
 
@@ -115,6 +119,6 @@ def test_every_event_reaches_its_handler_once_with_its_metadata(
     assert "2 dropped" in stopped[0] and "1 invalid" in stopped[0]
     print(f"\n{broker}: emitted {EVENTS}, handled {len(ids)}; gateway: {stopped[0]}")
     if broker == "redis":
-        client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
+        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB)
         assert client.exists("discord.TYPING_START") == 0
         client.close()

@@ -41,6 +41,7 @@ from ingest.testing.simulator import sample_guild_create, sample_message_create
 from tasks import app
 from tasks.guilds import count_guild
 from tasks.messages import log_message
+from tests.support import redis_url
 
 REDIS_DB = 6  # this file's own database on the shared Redis (see conftest)
 SESSION = "cafebabecafebabecafebabecafebabe"
@@ -109,9 +110,7 @@ def test_guild_joins_are_counted(eager: None, caplog: pytest.LogCaptureFixture) 
 # A handler of your own, recording what it got, so a test can look at the model itself. Give
 # the app its broker up front: Celery keeps the first connection pool it makes, even in eager
 # mode, and the default broker (amqp://localhost) would be the wrong one later.
-recording_app = Celery(
-    "recording", broker=f"redis://127.0.0.1:6379/{REDIS_DB}", set_as_current=False
-)
+recording_app = Celery("recording", broker=redis_url(REDIS_DB), set_as_current=False)
 on = event_handler(recording_app)
 received: list[tuple[MessageCreate, EventContext]] = []
 arrived = threading.Event()

@@ -37,17 +37,20 @@ from ingest.testing.simulator import (
     sample_typing_start,
 )
 from tests.support import (
+    REDIS_HOST,
+    REDIS_PORT,
     ROOT,
     Proc,
     base_env,
     gateway_process,
     handled_messages,
+    redis_url,
     require_broker,
     short_tempdir,
 )
 
 REDIS_DB = 13
-REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+REDIS_URL = redis_url(REDIS_DB)
 # Shaped like a real bot token (id.timestamp.hmac) and found nowhere else.
 TOKEN = "MTE4MDAwMDAwMDAwMDAwMDAwMQ.GhOst7.opsTest-s3cr3t-7f3a9c2b1d4e5f60"
 # A leak that cuts the token short still contains this.
@@ -263,7 +266,7 @@ class BrokerTap:
 
     def __init__(self) -> None:
         self.commands: list[str] = []
-        self._client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
+        self._client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB)
         self._monitor = self._client.monitor()
         self._monitor.__enter__()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -296,7 +299,7 @@ def worker_debug(env: dict[str, str], *queues: str) -> Proc:
 @pytest.fixture(scope="module")
 def deployment() -> Iterator[Deployment]:
     require_broker("redis")
-    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB)
     client.flushdb()
     sim_logger, sim_log = capture("ingest.testing.simulator")
     tap = BrokerTap()

@@ -28,18 +28,21 @@ from ingest.identify import (
 from ingest.testing import SimulatorThread
 from ingest.testing.simulator import IdentifyRecord, sample_message_create
 from tests.support import (
+    REDIS_HOST,
+    REDIS_PORT,
     ROOT,
     Proc,
     base_env,
     gateway_process,
     handled_messages,
+    redis_url,
     require_broker,
     short_tempdir,
     worker_process,
 )
 
 REDIS_DB = 12
-REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+REDIS_URL = redis_url(REDIS_DB)
 INTERVAL = 5.0  # Discord's, and the simulator's default
 MESSAGES_PER_SHARD = 5
 
@@ -227,7 +230,7 @@ def test_budgeted_scheduler_gives_back_the_start_of_a_cancelled_shard() -> None:
 @pytest.fixture
 def redis_db() -> Iterator[redis.Redis]:
     require_broker("redis")
-    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB)
     client.flushdb()
     try:
         yield client
