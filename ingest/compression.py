@@ -69,24 +69,48 @@ class ZlibStreamInflater:
             raise DecompressionError(f"corrupt zlib stream: {exc}") from None
 
 
+class _Collect:
+    """The sink of a zstd stream writer: refuses output past the message bound as it comes."""
+
+    def __init__(self, limit: int) -> None:
+        self.out = bytearray()
+        self._limit = limit
+
+    def write(self, data: bytes) -> int:
+        self.out += data
+        if len(self.out) > self._limit:
+            raise DecompressionError(f"decompressed message exceeds {self._limit} bytes")
+        return len(data)
+
+
 class ZstdStreamInflater:
+    """zstd-stream: one stream per connection with a flushed block per message (Discord), or one
+    complete zstd frame per message (other servers); output comes in ``INFLATE_STEP`` pieces."""
+
     def __init__(self, max_message_bytes: int, max_buffered_bytes: int) -> None:
         import zstandard  # optional extra
 
-        self._inflate = zstandard.ZstdDecompressor().decompressobj()
-        self._max_message = max_message_bytes
+        self._sink = _Collect(max_message_bytes)
+        # A stream writer decodes across frame boundaries and hands output over in bounded
+        # pieces, so a small bomb is refused after one step past the limit, not after GBs.
+        self._inflate = zstandard.ZstdDecompressor().stream_writer(
+            self._sink,  # type: ignore[arg-type]  # it only needs write()
+            write_size=INFLATE_STEP,
+            closefd=False,
+        )
         self._max_buffered = max_buffered_bytes
 
     def feed(self, frame: bytes) -> bytes | None:
-        # Discord flushes a zstd block per message, so each frame decodes to whole messages.
         if len(frame) > self._max_buffered:
             raise DecompressionError(f"compressed frame exceeds {self._max_buffered} bytes")
         try:
-            out: bytes = self._inflate.decompress(frame)
+            self._inflate.write(frame)
+        except DecompressionError:
+            raise
         except Exception as exc:  # noqa: BLE001 - zstandard.ZstdError; the module is optional
             raise DecompressionError(f"corrupt zstd stream: {exc}") from None
-        if len(out) > self._max_message:
-            raise DecompressionError(f"decompressed message exceeds {self._max_message} bytes")
+        out = bytes(self._sink.out)
+        self._sink.out.clear()
         return out or None
 
 

@@ -38,6 +38,8 @@ class Config:
     metrics_port: int | None
     log_format: str
     log_level: str
+    # The outage buffer's byte bound (task bodies), beside its event bound.
+    max_buffered_bytes: int = 256 * 1024 * 1024
 
     def __repr__(self) -> str:
         return (
@@ -161,4 +163,6 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         metrics_port=metrics_port,
         log_format=log_format,
         log_level=env.get("INGEST_LOG_LEVEL", "INFO").strip().upper() or "INFO",
+        max_buffered_bytes=_int(env, "INGEST_MAX_BUFFERED_BYTES", 256 * 1024 * 1024, 1)
+        or 256 * 1024 * 1024,
     )

@@ -24,6 +24,7 @@ from ingest.logs import throttled
 from ingest.protocol import Intents, default_intents
 from ingest.session import (
     Close,
+    ClosedBeforeReady,
     Dispatch,
     Event,
     Fatal,
@@ -391,17 +392,35 @@ class Gateway:
             )
         elif isinstance(event, Fatal):
             log.error("shard %d fatal: %s", self.shard_id, event.error)
+        elif isinstance(event, ClosedBeforeReady):
+            log.error(
+                "shard %d: %d connections in a row closed before READY (last close code %s); "
+                "likely a wrong DISCORD_TOKEN or intents the bot may not use "
+                "(DISCORD_INTENTS); still retrying with backoff",
+                self.shard_id,
+                event.count,
+                event.close_code,
+            )
         elif isinstance(event, HeartbeatAcked):
             pass
         if self._on_lifecycle is not None:
             self._on_lifecycle(self, event)
 
     async def _identify_when_allowed(self) -> None:
-        await self._identify.acquire(self.shard_id)
-        if self._session.state is State.AWAITING_IDENTIFY:
-            log.info("shard %d identifying", self.shard_id)
-            self._session.identify(asyncio.get_running_loop().time())
-            self._process_events()
+        # Runs as its own task: an exception here would be seen by no one and leave the shard
+        # waiting for an IDENTIFY that never comes. Close and retry instead (a bad presence,
+        # the one configuration problem here, is refused when the session is built).
+        try:
+            await self._identify.acquire(self.shard_id)
+            if self._session.state is State.AWAITING_IDENTIFY:
+                log.info("shard %d identifying", self.shard_id)
+                self._session.identify(asyncio.get_running_loop().time())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("shard %d could not identify; reconnecting", self.shard_id)
+            self._session.identify_failed(f"identify failed: {type(exc).__name__}")
+        self._process_events()
 
     # -- timers --------------------------------------------------------------------------------
 
@@ -459,8 +478,17 @@ class Gateway:
 
         try:
             model = validate_event(dispatch.event, dispatch.data)
-        except ValidationError as exc:
+        except Exception as exc:
+            # One bad event (or a model that raises something else) must not stop run().
             self.rejected_count += 1
+            if not isinstance(exc, ValidationError):
+                log.exception(
+                    "shard %d %s seq %d could not be validated",
+                    self.shard_id,
+                    dispatch.event,
+                    dispatch.sequence,
+                )
+                return
             log.warning(
                 "shard %d %s seq %d failed validation: %s",
                 self.shard_id,

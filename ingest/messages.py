@@ -140,23 +140,29 @@ _WRAP_SIZE: Final = len(_BODY_HEAD) + len(_BODY_TAIL)
 
 # sha1(namespace + "<session>/<shard>/") per (session, shard): a task id then hashes only the
 # sequence digits. Sessions change rarely; the bound only guards against a leak.
-_ID_PREFIXES: dict[tuple[str, int], Any] = {}
+_ID_PREFIXES: dict[tuple[str, int, str], Any] = {}
 _ID_PREFIXES_MAX: Final = 4096
 
 
-def task_id_for(session_id: str, shard_id: int, sequence: int) -> str:
+def _session_key(session_id: str, epoch: str) -> str:
+    # The epoch names the IDENTIFY (a server may reuse a session id and restart its
+    # sequences); without one (a session persisted by an older version) the id is unchanged.
+    return f"{session_id}@{epoch}" if epoch else session_id
+
+
+def task_id_for(session_id: str, shard_id: int, sequence: int, epoch: str = "") -> str:
     """The task id of one dispatch: the same for a replay of it, so a worker can recognise it.
 
-    ``str(uuid.uuid5(TASK_ID_NAMESPACE, f"{session_id}/{shard_id}/{sequence}"))``, computed
-    in a fraction of the time.
+    ``str(uuid.uuid5(TASK_ID_NAMESPACE, f"{session_id}@{epoch}/{shard_id}/{sequence}"))``
+    (without ``@{epoch}`` when there is none), computed in a fraction of the time.
     """
-    key = (session_id, shard_id)
+    key = (session_id, shard_id, epoch)
     prefix = _ID_PREFIXES.get(key)
     if prefix is None:
         if len(_ID_PREFIXES) >= _ID_PREFIXES_MAX:
             _ID_PREFIXES.clear()
         prefix = _NAMESPACE_SHA1.copy()
-        prefix.update(f"{session_id}/{shard_id}/".encode())
+        prefix.update(f"{_session_key(session_id, epoch)}/{shard_id}/".encode())
         _ID_PREFIXES[key] = prefix
     digest = prefix.copy()
     digest.update(b"%d" % sequence)
@@ -342,14 +348,20 @@ def _route(event: str) -> _Route:
 
 
 def build_event_message(
-    event: str, data_json: bytes, *, shard_id: int, sequence: int, session_id: str
+    event: str,
+    data_json: bytes,
+    *,
+    shard_id: int,
+    sequence: int,
+    session_id: str,
+    epoch: str = "",
 ) -> TaskMessage:
     """The task message for dispatch ``event`` whose ``d`` is already the JSON ``data_json``."""
     route = _ROUTES.get(event) or _route(event)
     return TaskMessage(
         route.task_name,
         route.queue,
-        task_id_for(session_id, shard_id, sequence),
+        task_id_for(session_id, shard_id, sequence, epoch),
         _BODY_HEAD + data_json + _BODY_TAIL,
         None,
         _route=route,
@@ -367,6 +379,7 @@ def build_dead_letter_message(
     shard_id: int,
     sequence: int | None,
     session_id: str,
+    epoch: str = "",
 ) -> TaskMessage:
     """A ``discord.invalid`` task keeping a payload we could not use, with why."""
     try:
@@ -381,7 +394,7 @@ def build_dead_letter_message(
         # Nothing identifies this payload (no sequence): a replay cannot be recognised anyway.
         task_id = str(uuid.uuid4())
     else:
-        task_id = _uuid5(f"invalid/{session_id}/{shard_id}/{sequence}")
+        task_id = _uuid5(f"invalid/{_session_key(session_id, epoch)}/{shard_id}/{sequence}")
     return TaskMessage(
         task_name=DEAD_LETTER_TASK,
         queue=DEAD_LETTER_QUEUE,

@@ -69,6 +69,8 @@ class Metrics:
         self.shard_readers: list[ShardReader] = []
         self.queue_depths: QueueDepthReader | None = None
         self.identify_budget_remaining: int | None = None
+        # (events, bytes) held for the broker, read at scrape time from the pipeline.
+        self.buffered: Callable[[], tuple[int, int]] | None = None
 
     # -- hot path ------------------------------------------------------------------------------
 
@@ -195,6 +197,18 @@ class Metrics:
             value=self.sessions_lost,
         )
         yield from _shard_families(self.shards())
+        if self.buffered is not None:
+            events, size = self.buffered()
+            yield GaugeMetricFamily(
+                "discord_ingest_buffered_events",
+                "Events held for the broker (INGEST_MAX_BUFFERED_EVENTS bounds it)",
+                value=events,
+            )
+            yield GaugeMetricFamily(
+                "discord_ingest_buffered_bytes",
+                "Task bytes held for the broker (INGEST_MAX_BUFFERED_BYTES bounds it)",
+                value=size,
+            )
         if self.identify_budget_remaining is not None:
             yield GaugeMetricFamily(
                 "discord_ingest_identify_budget_remaining",
@@ -226,6 +240,7 @@ _SHARD_GAUGES: Final = (
     ("received_sequence", "Highest sequence received"),
     ("committed_sequence", "Highest sequence the broker holds, with all before it"),
     ("heartbeat_latency_seconds", "Last heartbeat round trip"),
+    ("closes_before_ready", "Connections in a row closed before READY (token? intents?)"),
 )
 _SHARD_COUNTERS: Final = (
     ("reconnects", "Connections lost or replaced, per shard"),

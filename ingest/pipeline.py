@@ -2,8 +2,9 @@
 
 A sequence counts as done only when the broker has accepted its task (or it needed none), in
 arrival order, so the committed sequence a shard heartbeats and resumes from is always durable.
-During a broker outage events wait in a bounded buffer; past the bound (or the time limit) the
-buffer is dropped, the sessions close resumably, and Discord replays once the broker is back.
+During a broker outage events wait in a buffer bounded in events and bytes; past a bound (or
+the time limit) the buffer is dropped, the sessions close resumably, and Discord replays once
+the broker is back. No single event can stop this: whatever fails on one becomes a dead letter.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from ingest.store import SessionStore
 
 log = logging.getLogger("ingest.publisher")
 
+# orjson writes at most this nesting; a worker's json decoder (recursive, Python's limit of
+# 1000 frames shared with Celery's own stack) must be able to read every body we publish.
+MAX_TASK_DEPTH = 254
+
 
 @dataclass(slots=True)
 class _Entry:
@@ -54,6 +59,7 @@ class Pipeline:
         batch_size: int = 500,
         linger_seconds: float = 0.002,
         max_buffered_events: int = 100_000,
+        max_buffered_bytes: int = 256 * 1024 * 1024,
         max_outage_seconds: float = 30.0,
         save_interval: float = 0.2,
     ) -> None:
@@ -64,6 +70,8 @@ class Pipeline:
         self.batch_size = batch_size
         self.linger = linger_seconds
         self.max_buffered = max_buffered_events
+        self.max_buffered_bytes = max_buffered_bytes
+        self._buffered_bytes = 0
         self.max_outage = max_outage_seconds
         self.save_interval = save_interval
         self._queue: deque[_Entry] = deque()
@@ -96,6 +104,29 @@ class Pipeline:
     def buffered(self) -> int:
         return len(self._queue)
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Task message bodies held, not yet accepted by the broker."""
+        return self._buffered_bytes
+
+    def _over_budget(self) -> str | None:
+        if len(self._queue) >= self.max_buffered:
+            return f"{len(self._queue)} events buffered (INGEST_MAX_BUFFERED_EVENTS)"
+        if self._buffered_bytes >= self.max_buffered_bytes:
+            return f"{self._buffered_bytes} bytes buffered (INGEST_MAX_BUFFERED_BYTES)"
+        return None
+
+    def _hold(self, entry: _Entry) -> None:
+        self._queue.append(entry)
+        if entry.message is not None:
+            self._buffered_bytes += len(entry.message.body)
+
+    def session_ended(self, gateway: Gateway) -> None:
+        """The gateway's session is gone: forget it in the store now, not at the next save."""
+        self._dirty.add(id(gateway))
+        self._last_save = 0.0
+        self._wakeup.set()
+
     # -- the gateway side (synchronous, on the reader's path) ----------------------------------
 
     def accept(self, gateway: Gateway, dispatch: Dispatch) -> None:
@@ -106,37 +137,10 @@ class Pipeline:
         if self.subscribed is not None and event not in self.subscribed:
             self.metrics.dropped(event)
         else:
-            session_id = dispatch.session_id or ""
-            # Serialised once: the task's argument (spliced into the message unchanged) and,
-            # if validation fails, the dead letter's raw payload.
-            data_json = orjson.dumps(dispatch.data)
             try:
-                validate_event(event, dispatch.data)
-            except ValidationError as exc:
-                reason = f"{event} failed validation: " + "; ".join(
-                    f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-                    for err in exc.errors(include_url=False)
-                )
-                throttled(log).warning(
-                    "shard %d seq %d: %s", dispatch.shard_id, dispatch.sequence, reason[:500]
-                )
-                self.metrics.invalid(event)
-                message = build_dead_letter_message(
-                    reason=reason,
-                    raw=data_json,
-                    event=event,
-                    shard_id=dispatch.shard_id,
-                    sequence=dispatch.sequence,
-                    session_id=session_id,
-                )
-            else:
-                message = build_event_message(
-                    event,
-                    data_json,
-                    shard_id=dispatch.shard_id,
-                    sequence=dispatch.sequence,
-                    session_id=session_id,
-                )
+                message = self._event_message(dispatch)
+            except Exception as exc:  # noqa: BLE001 - one event must never stop the gateway
+                message = self._poisoned(dispatch, exc)
         # Per shard *and session*: after Discord replaces a session, the new one's events do
         # not wait behind the old one's (whose commits the session would ignore anyway).
         key = (id(gateway), dispatch.session_id)
@@ -146,12 +150,11 @@ class Pipeline:
             self._dirty.add(id(gateway))
             return
         self._waiting[key] = self._waiting.get(key, 0) + 1
-        self._queue.append(
-            _Entry(gateway, dispatch.session_id, dispatch.sequence, event, message, now)
-        )
-        if len(self._queue) >= self.max_buffered:
+        self._hold(_Entry(gateway, dispatch.session_id, dispatch.sequence, event, message, now))
+        over = self._over_budget()
+        if over is not None:
             if self._outage_since is not None:
-                self._shed(f"{len(self._queue)} events buffered (INGEST_MAX_BUFFERED_EVENTS)")
+                self._shed(over)
             else:
                 # A burst (a RESUME replay, GUILD_CREATEs) faster than the broker takes it:
                 # stop reading until the buffer drains; nothing needs to be dropped.
@@ -159,6 +162,62 @@ class Pipeline:
                 self._wakeup.set()
         elif len(self._queue) >= self.batch_size or not self._wakeup.is_set():
             self._wakeup.set()
+
+    def _event_message(self, dispatch: Dispatch) -> TaskMessage:
+        """Validate and build the task message: every step that can fail on one event."""
+        event = dispatch.event
+        session_id = dispatch.session_id or ""
+        data_json = _task_argument(dispatch)
+        try:
+            validate_event(event, dispatch.data)
+        except ValidationError as exc:
+            reason = f"{event} failed validation: " + "; ".join(
+                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                for err in exc.errors(include_url=False)
+            )
+            throttled(log).warning(
+                "shard %d seq %d: %s", dispatch.shard_id, dispatch.sequence, reason[:500]
+            )
+            self.metrics.invalid(event)
+            return build_dead_letter_message(
+                reason=reason,
+                raw=data_json,
+                event=event,
+                shard_id=dispatch.shard_id,
+                sequence=dispatch.sequence,
+                session_id=session_id,
+                epoch=dispatch.epoch,
+            )
+        return build_event_message(
+            event,
+            data_json,
+            shard_id=dispatch.shard_id,
+            sequence=dispatch.sequence,
+            session_id=session_id,
+            epoch=dispatch.epoch,
+        )
+
+    def _poisoned(self, dispatch: Dispatch, exc: Exception) -> TaskMessage | None:
+        """An event we could not turn into a task: keep its frame as a dead letter, move on."""
+        reason = f"{dispatch.event} could not be processed: {type(exc).__name__}: {exc}"
+        throttled(log).error(
+            "shard %d seq %d: %s", dispatch.shard_id, dispatch.sequence, reason[:500]
+        )
+        self.metrics.invalid(dispatch.event)
+        try:
+            return build_dead_letter_message(
+                reason=reason[:2000],
+                raw=dispatch.raw,
+                event=dispatch.event,
+                shard_id=dispatch.shard_id,
+                sequence=dispatch.sequence,
+                session_id=dispatch.session_id or "",
+                epoch=dispatch.epoch,
+            )
+        except Exception:
+            # Not even a dead letter: the sequence still passes, the traceback is logged.
+            log.exception("shard %d seq %d: no dead letter", dispatch.shard_id, dispatch.sequence)
+            return None
 
     def reject(self, gateway: Gateway, rejected: Rejected) -> None:
         """A frame the session could not read: keep it in the dead-letter queue, counted."""
@@ -172,7 +231,7 @@ class Pipeline:
             session_id=gateway.session_id or "",
         )
         # No sequence: it holds no commit back, it only needs publishing.
-        self._queue.append(_Entry(gateway, None, None, "(frame)", message, time.monotonic()))
+        self._hold(_Entry(gateway, None, None, "(frame)", message, time.monotonic()))
         self._wakeup.set()
 
     def _shed(self, why: str) -> None:
@@ -186,6 +245,7 @@ class Pipeline:
         )
         self.metrics.shed(dropped)
         self._queue.clear()
+        self._buffered_bytes = 0
         self._waiting.clear()
         self._healthy.clear()
         self.has_room.set()
@@ -243,8 +303,9 @@ class Pipeline:
             self.metrics.broker_up(False)
         if not self._queue:
             return
-        if len(self._queue) >= self.max_buffered:
-            self._shed(f"{len(self._queue)} events buffered (INGEST_MAX_BUFFERED_EVENTS)")
+        over = self._over_budget()
+        if over is not None:
+            self._shed(over)
         elif now - self._outage_since > self.max_outage:
             self._shed(f"broker down for {now - self._outage_since:.0f} s")
 
@@ -268,6 +329,8 @@ class Pipeline:
         latest: dict[tuple[int, str | None], _Entry] = {}
         for entry in batch:
             self._queue.popleft()
+            if entry.message is not None:
+                self._buffered_bytes -= len(entry.message.body)
             if entry.sequence is not None:
                 key = (id(entry.gateway), entry.session_id)
                 self._waiting[key] -= 1
@@ -276,7 +339,11 @@ class Pipeline:
                 latest[key] = entry
             if entry.message is not None and entry.message.task_name != DEAD_LETTER_TASK:
                 self.metrics.published(entry.event, now - entry.received_at)
-        if not self.has_room.is_set() and len(self._queue) <= self.max_buffered // 2:
+        if (
+            not self.has_room.is_set()
+            and len(self._queue) <= self.max_buffered // 2
+            and self._buffered_bytes <= self.max_buffered_bytes // 2
+        ):
             self.has_room.set()
         for entry in latest.values():
             assert entry.sequence is not None
@@ -294,12 +361,18 @@ class Pipeline:
         # after a newer one.
         async with self._save_lock:
             saving = set(self._dirty)
-            states = [
-                state
-                for gateway in self._gateways
-                if id(gateway) in saving and (state := gateway.session.snapshot()) is not None
-            ]
+            states = []
+            dead = []
+            for gateway in self._gateways:
+                if id(gateway) in saving:
+                    state = gateway.session.snapshot()
+                    if state is None:
+                        dead.append(gateway.session.config)
+                    else:
+                        states.append(state)
             try:
+                for config in dead:
+                    await self.store.forget(config.shard_id, config.shard_count)
                 await self.store.save(states)
             except Exception as exc:  # noqa: BLE001 - a store hiccup must not stop publishing
                 log.warning("could not persist sessions: %s: %s", type(exc).__name__, exc)
@@ -324,3 +397,18 @@ class Pipeline:
 
     def gateways(self) -> Iterable[Gateway]:
         return tuple(self._gateways)
+
+
+def _task_argument(dispatch: Dispatch) -> bytes:
+    """The task's argument: ``d`` as the server sent it, else serialised once (bounded depth).
+
+    Each ``[`` or ``{`` opens at most one level, so a body with fewer than ``MAX_TASK_DEPTH`` of
+    them is shallow enough for any worker; a deeper one raises (and becomes a dead letter).
+    """
+    data_json = dispatch.data_json
+    if data_json is not None and data_json.count(b"[") + data_json.count(b"{") < MAX_TASK_DEPTH:
+        return data_json
+    try:
+        return orjson.dumps(dispatch.data)
+    except orjson.JSONEncodeError as exc:
+        raise ValueError(f"payload nests deeper than {MAX_TASK_DEPTH} levels ({exc})") from None

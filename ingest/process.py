@@ -120,6 +120,7 @@ class GatewayProcess:
             batch_size=config.batch_size,
             linger_seconds=config.linger_seconds,
             max_buffered_events=config.max_buffered_events,
+            max_buffered_bytes=config.max_buffered_bytes,
             max_outage_seconds=config.max_outage_seconds,
         )
         resumable = {
@@ -169,6 +170,7 @@ class GatewayProcess:
             pipeline.attach(gateway)
             self.gateways.append(gateway)
         self.metrics.shard_readers.append(self._shard_rows)
+        self.metrics.buffered = lambda: (pipeline.buffered, pipeline.buffered_bytes)
         self.metrics.cause_readers.append(
             lambda: [(g.reconnect_causes, g.resume_causes) for g in self.gateways]
         )
@@ -282,6 +284,8 @@ class GatewayProcess:
                     )
         elif isinstance(event, SessionLost):
             self.metrics.sessions_lost += 1
+            if self.pipeline is not None:
+                self.pipeline.session_ended(gateway)
 
     def _shard_rows(self) -> list[dict[str, Any]]:
         return [
@@ -294,6 +298,7 @@ class GatewayProcess:
                 "reconnects": g.reconnects,
                 "resumes": g.resumes,
                 "rejected": g.rejected_count,
+                "closes_before_ready": g.session.closes_before_ready,
                 "state": g.session.state.value,
             }
             for g in self.gateways

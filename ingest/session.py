@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import enum
 import random
+import re
+import secrets
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +21,13 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import orjson
 
 from ingest.compression import Compression, DecompressionError, Inflater, make_inflater
-from ingest.errors import CommandRateLimited, FatalGatewayError, NotConnected, PayloadTooLarge
+from ingest.errors import (
+    CommandRateLimited,
+    ConfigError,
+    FatalGatewayError,
+    NotConnected,
+    PayloadTooLarge,
+)
 from ingest.protocol import (
     API_VERSION,
     COMMAND_WINDOW_SECONDS,
@@ -40,6 +48,30 @@ STABLE_CONNECTION_SECONDS: Final = 5.0
 HELLO_TIMEOUT: Final = 20.0
 # Discord's session ids are 32 hex digits; a much longer one could not fit in a RESUME.
 MAX_SESSION_ID_LENGTH: Final = 128
+# Failed connects to a stored resume URL before resuming via the configured gateway URL.
+MAX_RESUME_URL_FAILURES: Final = 3
+# Consecutive connections closed before READY before we say loudly what is likely wrong.
+CLOSES_BEFORE_READY_ALARM: Final = 3
+
+# The scalar members (t, s, op) before a final "d" key: what is left of the frame, less its
+# closing brace, is the dispatch's data exactly as the server encoded it.
+_HEAD_BEFORE_DATA: Final = re.compile(
+    rb'\s*\{\s*(?:"(?:[^"\\]|\\.)*"\s*:\s*(?:"(?:[^"\\]|\\.)*"|-?[0-9.eE+-]+|null|true|false)'
+    rb'\s*,\s*)*"d"\s*:\s*'
+)
+
+
+def _data_bytes(payload: dict[str, Any], raw: bytes) -> bytes | None:
+    """``d`` cut out of the frame when it is the frame's last key (Discord's own layout)."""
+    if next(reversed(payload)) != "d":
+        return None
+    head = _HEAD_BEFORE_DATA.match(raw)
+    if head is None:
+        return None
+    end = len(raw.rstrip())
+    if end == 0 or raw[end - 1] != 0x7D:  # "}"
+        return None
+    return raw[head.end() : end - 1].rstrip()
 
 
 def _usable_gateway_url(url: object) -> bool:
@@ -71,13 +103,21 @@ class State(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Dispatch:
-    """An op 0 event, in sequence order; ``data`` is the parsed ``d``."""
+    """An op 0 event, in sequence order; ``data`` is the parsed ``d``.
+
+    ``raw`` is the whole frame as received (for a dead letter); ``data_json`` the bytes of
+    ``d`` cut from it, when they could be, so they need not be serialised again. ``epoch``
+    names the IDENTIFY that began the session: a server may reuse session ids.
+    """
 
     event: str
     sequence: int
     data: Any
     session_id: str | None
     shard_id: int
+    raw: bytes = b""
+    data_json: bytes | None = None
+    epoch: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +178,14 @@ class Fatal:
     error: FatalGatewayError
 
 
+@dataclass(frozen=True, slots=True)
+class ClosedBeforeReady:
+    """Several connections in a row ended before READY: the token or intents are likely wrong."""
+
+    count: int
+    close_code: int | None
+
+
 Event = (
     Dispatch
     | SessionStarted
@@ -148,6 +196,7 @@ Event = (
     | Rejected
     | Close
     | Fatal
+    | ClosedBeforeReady
 )
 
 
@@ -167,6 +216,8 @@ class SessionState:
     resume_url: str | None
     shard_id: int = 0
     shard_count: int = 1
+    # Names the IDENTIFY that began the session, in task ids: a server may reuse session ids.
+    epoch: str = ""
     # For `python -m ingest status` only: not needed to resume.
     heartbeat_latency: float | None = None
     saved_at: float | None = None  # wall-clock time of the save, set by the store
@@ -285,14 +336,28 @@ class Session:
         # Highest sequence received; highest handed to the owner in this session (a replay up to
         # it is not handed over twice); highest the owner says is durable.
         self.sequence: int | None = None
-        self._delivered = 0
+        # None: nothing handed over yet (a server may number its first event 0).
+        self._delivered: int | None = None
         self.committed_sequence: int | None = None
+        self.epoch = ""
         if resume_from is not None:
             self.session_id = resume_from.session_id
             self.resume_url = resume_from.resume_url
             self.sequence = resume_from.sequence
             self.committed_sequence = resume_from.sequence
-            self._delivered = resume_from.sequence or 0
+            self._delivered = resume_from.sequence
+            self.epoch = resume_from.epoch
+        # Connects to the resume URL that failed before HELLO, and connections in a row that
+        # Discord closed before READY/RESUMED.
+        self.resume_url_failures = 0
+        self._resume_url_planned = False
+        self.closes_before_ready = 0
+        self.last_close_code: int | None = None
+        # A bad presence would fail every IDENTIFY: refuse it now, as configuration.
+        try:
+            self._checked(Opcode.IDENTIFY, self._identify_data())
+        except PayloadTooLarge as exc:
+            raise ConfigError(f"IDENTIFY would be refused: {exc} (check the presence)") from None
 
         self.heartbeat_interval: float | None = None
         self.heartbeat_latency: float | None = None
@@ -354,6 +419,7 @@ class Session:
             resume_url=self.resume_url,
             shard_id=self.config.shard_id,
             shard_count=self.config.shard_count,
+            epoch=self.epoch,
             heartbeat_latency=self.heartbeat_latency,
         )
 
@@ -372,6 +438,7 @@ class Session:
         else:
             delay = self._backoff.next_delay()
         resume = self.resumable
+        self._resume_url_planned = bool(resume and self.resume_url)
         base = self.resume_url if resume and self.resume_url else self.config.gateway_url
         return ConnectPlan(url=self._with_query(base), delay=delay, resume=resume)
 
@@ -401,6 +468,7 @@ class Session:
         self._attempted = True
         if self.finished:
             return
+        self._count_early_loss(code)
         if self._connected_at is not None and now - self._connected_at >= STABLE_CONNECTION_SECONDS:
             self._backoff.reset()
         self._connected_at = None
@@ -423,9 +491,28 @@ class Session:
             self._forget_session(reason)
         self.state = State.DISCONNECTED
 
+    def _count_early_loss(self, code: int | None) -> None:
+        """Track connections that never got going: a dead resume URL, or closes before READY."""
+        if self._resume_url_planned and self.state in (State.DISCONNECTED, State.AWAITING_HELLO):
+            # Never heard HELLO from the resume URL: after a few, resume via the gateway URL.
+            self.resume_url_failures += 1
+            if self.resume_url_failures >= MAX_RESUME_URL_FAILURES:
+                self.resume_url = None
+        self._resume_url_planned = False
+        if self.state in (State.IDENTIFYING, State.RESUMING, State.AWAITING_IDENTIFY):
+            self.closes_before_ready += 1
+            self.last_close_code = code
+            if self.closes_before_ready == CLOSES_BEFORE_READY_ALARM:
+                self._events.append(ClosedBeforeReady(self.closes_before_ready, code))
+
     def close(self, now: float, *, resumable: bool = True) -> None:
-        """Stop for good: a resumable close (non-1000) lets the next process resume."""
+        """Stop for good: a resumable close (non-1000) lets the next process resume.
+
+        A non-resumable close forgets the session at once: nothing may resume it later.
+        """
         self._stopping = True
+        if not resumable:
+            self._clear_session()
         if self.state in (State.DISCONNECTED,):
             self.state = State.STOPPED
             return
@@ -506,6 +593,8 @@ class Session:
             self._events.append(Rejected("HELLO received twice", raw))
             return
         self.heartbeat_interval = interval / 1000.0
+        self.resume_url_failures = 0
+        self._resume_url_planned = False
         # Jitter the first beat so shards reconnecting together do not beat together.
         self._next_heartbeat = now + self.heartbeat_interval * self._rng()
         self._awaiting_ack = False
@@ -541,19 +630,32 @@ class Session:
             self.resume_url = resume_url if _usable_gateway_url(resume_url) else None
             self.state = State.CONNECTED
             self._connected_at = now
+            self.closes_before_ready = 0
             self._events.append(SessionStarted(self.session_id, self.resume_url))
         elif event == "RESUMED":
             self.state = State.CONNECTED
             self._connected_at = now
+            self.closes_before_ready = 0
             if self.session_id is not None:
                 self._events.append(SessionResumed(self.session_id, self.sequence))
         if self.sequence is None or sequence > self.sequence:
             self.sequence = sequence
-        if sequence <= self._delivered:
+        if self._delivered is not None and sequence <= self._delivered:
             # A replay of something the owner already holds (still in flight to the broker).
             return
         self._delivered = sequence
-        self._events.append(Dispatch(event, sequence, data, self.session_id, self.config.shard_id))
+        self._events.append(
+            Dispatch(
+                event,
+                sequence,
+                data,
+                self.session_id,
+                self.config.shard_id,
+                raw,
+                _data_bytes(payload, raw),
+                self.epoch,
+            )
+        )
         if self.config.auto_commit:
             self.committed_sequence = sequence
 
@@ -576,11 +678,16 @@ class Session:
             self._events.append(
                 SessionLost(self.session_id, self.committed_sequence, self.sequence, reason)
             )
+        self._clear_session()
+
+    def _clear_session(self) -> None:
         self.session_id = None
         self.resume_url = None
         self.sequence = None
         self.committed_sequence = None
-        self._delivered = 0
+        self._delivered = None
+        self.epoch = ""
+        self.resume_url_failures = 0
 
     # -- timers --------------------------------------------------------------------------------
 
@@ -619,6 +726,19 @@ class Session:
         """Send IDENTIFY; call after ``IdentifyRequired`` once the scheduler allows it."""
         if self.state is not State.AWAITING_IDENTIFY:
             return
+        self._enqueue(Opcode.IDENTIFY, self._identify_data(), now, essential=True)
+        self.state = State.IDENTIFYING
+        # A new session begins: its task ids must differ from any earlier session's, even
+        # if the server hands out the same session id and restarts its sequences.
+        self.epoch = secrets.token_hex(8)
+
+    def identify_failed(self, reason: str) -> None:
+        """The shell could not identify (scheduler error): close, and retry with backoff."""
+        if self.state in (State.DISCONNECTED, State.CLOSING) or self.finished:
+            return
+        self._request_close(RESUMABLE_CLOSE, reason, Reconnect.RESUME, "identify_failed")
+
+    def _identify_data(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "token": self.config.token,
             "intents": self.config.intents,
@@ -631,8 +751,7 @@ class Session:
             d["large_threshold"] = self.config.large_threshold
         if self.config.presence is not None:
             d["presence"] = dict(self.config.presence)
-        self._enqueue(Opcode.IDENTIFY, d, now, essential=True)
-        self.state = State.IDENTIFYING
+        return d
 
     def _send_resume(self, now: float) -> None:
         d = {
@@ -661,11 +780,7 @@ class Session:
 
     def _enqueue(self, op: int, d: Any, now: float, *, essential: bool) -> bool:
         """Queue a payload; False if an essential one had to be dropped for the budget."""
-        text = orjson.dumps({"op": int(op), "d": d}).decode()
-        if len(text.encode()) > MAX_PAYLOAD_BYTES:
-            raise PayloadTooLarge(
-                f"op {op} payload is {len(text.encode())} bytes; Discord allows {MAX_PAYLOAD_BYTES}"
-            )
+        text = self._checked(op, d)
         wait = self._budget.retry_after(now, essential)
         if wait > 0:
             if essential:
@@ -679,6 +794,15 @@ class Session:
         self._budget.record(now)
         self._outbox.append(text)
         return True
+
+    @staticmethod
+    def _checked(op: int, d: Any) -> str:
+        text = orjson.dumps({"op": int(op), "d": d}).decode()
+        if len(text.encode()) > MAX_PAYLOAD_BYTES:
+            raise PayloadTooLarge(
+                f"op {op} payload is {len(text.encode())} bytes; Discord allows {MAX_PAYLOAD_BYTES}"
+            )
+        return text
 
     def send_retry_after(self, now: float) -> float:
         return self._budget.retry_after(now, essential=False)
@@ -759,7 +883,7 @@ class Session:
 
     def discard_uncommitted(self) -> None:
         """The owner dropped events it held; let a replay hand them over again."""
-        self._delivered = self.committed_sequence or 0
+        self._delivered = self.committed_sequence
 
     def reconnect(self, reason: str, cause: str = "owner") -> None:
         """The owner wants a fresh connection that resumes (e.g. after a broker outage)."""

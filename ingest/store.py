@@ -30,6 +30,9 @@ class SessionStore(Protocol):
 
     async def save(self, states: Sequence[SessionState]) -> None: ...
 
+    async def forget(self, shard_id: int, shard_count: int) -> None:
+        """The shard's session is dead (or deliberately ended): nothing may resume it."""
+
     async def load_all(self) -> list[SessionState]: ...
 
     async def close(self) -> None: ...
@@ -52,6 +55,7 @@ def _decode(raw: str | bytes) -> SessionState | None:
             resume_url=data.get("resume_url"),
             shard_id=int(data.get("shard_id", 0)),
             shard_count=int(data.get("shard_count", 1)),
+            epoch=str(data.get("epoch") or ""),
             heartbeat_latency=_optional_float(data.get("heartbeat_latency")),
             saved_at=_optional_float(data.get("saved_at")),
         )
@@ -83,6 +87,9 @@ class RedisSessionStore:
         for state in states:
             pipe.set(self._key(state.shard_id, state.shard_count), _encode(state))
         await pipe.execute()
+
+    async def forget(self, shard_id: int, shard_count: int) -> None:
+        await self._redis.delete(self._key(shard_id, shard_count))
 
     async def load_all(self) -> list[SessionState]:
         states = []
@@ -127,6 +134,9 @@ class FileSessionStore:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
+
+    async def forget(self, shard_id: int, shard_count: int) -> None:
+        self._path(shard_id, shard_count).unlink(missing_ok=True)
 
     async def load_all(self) -> list[SessionState]:
         states = []
