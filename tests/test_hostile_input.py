@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from ingest.compression import Compression
+from ingest.compression import Compression, zstd_available
 from ingest.errors import CommandRateLimited, NotConnected, PayloadTooLarge
 from ingest.models import EVENT_MODELS, validate_event
 from ingest.protocol import (
@@ -757,6 +757,75 @@ def test_a_one_gigabyte_zlib_bomb_is_rejected_within_200_mb() -> None:
     assert int(report["peak"]) < limit, report
     # The kernel's own high-water mark, which no sampling interval can miss.
     assert int(report["maxrss"]) < limit, report
+
+
+ZSTD_BOMB_SCRIPT = (
+    BOMB_SCRIPT.replace(
+        "compression=Compression.ZLIB_STREAM", "compression=Compression.ZSTD_STREAM"
+    )
+    .replace("assert bomb.endswith(ZLIB_SUFFIX)\n", "")
+    .replace(
+        """compressor = zlib.compressobj(9)
+chunk = bytes(1 << 20)
+parts = [compressor.compress(b'{"op":0,"t":"MESSAGE_CREATE","s":2,"d":{"content":"')]
+for _ in range(1024):  # 1 GiB of zeros, never held at once
+    parts.append(compressor.compress(chunk))
+parts.append(compressor.flush(zlib.Z_SYNC_FLUSH))""",
+        """import zstandard
+compressor = zstandard.ZstdCompressor(level=19).compressobj()
+chunk = bytes(1 << 20)
+parts = [compressor.compress(b'{"op":0,"t":"MESSAGE_CREATE","s":2,"d":{"content":"')]
+for _ in range(2048):  # 2 GiB of zeros, never held at once
+    parts.append(compressor.compress(chunk))
+parts.append(compressor.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))""",
+    )
+)
+
+
+@pytest.mark.skipif(not zstd_available(), reason="zstandard not installed")
+@pytest.mark.timeout(60)
+def test_a_two_gigabyte_zstd_bomb_is_rejected_within_200_mb() -> None:
+    # The replacements above really happened.
+    assert "zstandard" in ZSTD_BOMB_SCRIPT and "ZLIB_SUFFIX)" not in ZSTD_BOMB_SCRIPT
+    result = subprocess.run(
+        [sys.executable, "-c", ZSTD_BOMB_SCRIPT],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=55,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert int(report["compressed"]) < 256 * 1024, report  # a small frame...
+    assert report["rejected"] != "None" and "exceeds" in report["rejected"]  # ...refused
+    assert report["closing"] == "True"
+    limit = 200 * 1024 * 1024
+    assert int(report["peak"]) < limit, report
+    assert int(report["maxrss"]) < limit, report
+
+
+@pytest.mark.skipif(not zstd_available(), reason="zstandard not installed")
+def test_zstd_one_complete_frame_per_message_is_decoded_across_frames() -> None:
+    import zstandard
+
+    session = Session(
+        SessionConfig(
+            token="t" * 20, intents=1, gateway_url="wss://x", compression=Compression.ZSTD_STREAM
+        )
+    )
+    session.next_connection(0.0)
+    session.connection_made(0.0)
+    compressor = zstandard.ZstdCompressor()
+    session.receive_frame(compressor.compress(hello()), 0.0)
+    session.identify(0.0)
+    session.receive_frame(compressor.compress(ready("sess", 1)), 0.0)
+    for sequence in range(2, 12):
+        session.receive_frame(compressor.compress(dispatch("TYPING_START", {}, sequence)), 0.0)
+    events = session.events_received()
+    assert not [e for e in events if isinstance(e, Rejected)]
+    assert [e.sequence for e in events if isinstance(e, Dispatch)] == list(range(1, 12))
+    assert session.state is State.CONNECTED
 
 
 # ---------------------------------------------------------------------------------------------

@@ -635,3 +635,146 @@ def test_a_silent_peer_is_given_up_after_the_hello_timeout() -> None:
     session.tick(5.0)
     (close,) = session.events_received()
     assert isinstance(close, Close) and close.cause == "hello_timeout"
+
+
+# -- hardening (issue #10) -----------------------------------------------------------------------
+
+
+def test_a_first_dispatch_numbered_0_is_handed_over() -> None:
+    session = make_session()
+    session.next_connection(0.0)
+    session.connection_made(0.0)
+    session.receive_frame(hello(), 0.0)
+    session.identify(0.0)
+    session.receive_frame(ready(seq=0), 0.0)
+    session.receive_frame(dispatch(1), 0.0)
+    handed = [e.sequence for e in session.events_received() if isinstance(e, Dispatch)]
+    assert handed == [0, 1]
+
+
+def test_dispatch_carries_its_frame_and_the_data_bytes_as_sent() -> None:
+    session = connected(make_session())
+    wire = b'{"t":"MESSAGE_CREATE","s":2,"op":0,"d":{"id":"2", "content" :"a \\"d\\": {"}  }'
+    session.receive_frame(wire, 1.0)
+    (event,) = session.events_received()
+    assert isinstance(event, Dispatch)
+    assert event.raw == wire
+    assert event.data_json == b'{"id":"2", "content" :"a \\"d\\": {"}'
+    # d not last: nothing is cut, the owner serialises the parsed data instead.
+    session.receive_frame(dispatch(3), 1.0)
+    (event,) = session.events_received()
+    assert isinstance(event, Dispatch) and event.data_json is None
+
+
+def identify_once(session: Session, now: float, session_id: str, seq: int = 1) -> str:
+    """One connection that identifies; returns the epoch the IDENTIFY began."""
+    session.next_connection(now)
+    session.connection_made(now)
+    session.receive_frame(hello(), now)
+    session.identify(now)
+    session.receive_frame(ready(session_id, seq=seq), now)
+    session.data_to_send()
+    session.events_received()
+    return session.epoch
+
+
+def test_every_identify_begins_a_new_epoch_and_a_resume_keeps_it() -> None:
+    session = make_session()
+    first = identify_once(session, 0.0, "same-id")
+    assert first and session.snapshot() is not None
+    assert session.snapshot().epoch == first  # type: ignore[union-attr]
+    # A resume keeps the epoch: replays must keep their task ids.
+    session.connection_lost(None, 10.0)
+    session.next_connection(10.0)
+    session.connection_made(10.0)
+    session.receive_frame(hello(), 10.0)
+    session.receive_frame(frame(Opcode.DISPATCH, None, s=2, t="RESUMED"), 10.0)
+    assert session.epoch == first
+    # The server invalidates it and hands out the same session id again.
+    session.receive_frame(frame(Opcode.INVALID_SESSION, False), 11.0)
+    session.connection_lost(RESUMABLE_CLOSE_CODE, 11.0)
+    second = identify_once(session, 20.0, "same-id")
+    assert second and second != first
+    session.receive_frame(dispatch(2), 21.0)
+    (event,) = session.events_received()
+    assert isinstance(event, Dispatch) and event.epoch == second
+    # A restarted process resumes with the persisted epoch.
+    restored = make_session(resume_from=session.snapshot())
+    assert restored.epoch == second
+
+
+def test_a_non_resumable_stop_forgets_the_session_at_once() -> None:
+    session = connected(make_session())
+    session.close(5.0, resumable=False)
+    assert session.snapshot() is None
+    (close,) = session.events_received()
+    assert isinstance(close, Close) and close.code == CloseCode.NORMAL
+
+
+def test_a_resume_url_that_never_answers_is_given_up_for_the_gateway_url() -> None:
+    state = SessionState(session_id="old", sequence=7, resume_url=RESUME_URL)
+    session = make_session(auto_commit=False, resume_from=state)
+    urls = []
+    for attempt in range(4):
+        plan = session.next_connection(float(attempt))
+        assert plan is not None and plan.resume
+        urls.append(plan.url.split("?")[0].rstrip("/"))
+        session.connection_lost(None, float(attempt))  # the connect itself failed
+    assert urls == [RESUME_URL, RESUME_URL, RESUME_URL, BASE_URL]
+    assert session.snapshot() == SessionState("old", 7, None)
+    # Resumed there (still the same session, RESUME not IDENTIFY).
+    session.connection_made(5.0)
+    session.receive_frame(hello(), 5.0)
+    assert sent(session)[0]["op"] == Opcode.RESUME
+
+
+def test_a_resume_url_that_answers_hello_keeps_its_place() -> None:
+    state = SessionState(session_id="old", sequence=7, resume_url=RESUME_URL)
+    session = make_session(auto_commit=False, resume_from=state)
+    for attempt in range(5):
+        plan = session.next_connection(float(attempt))
+        assert plan is not None and plan.url.startswith(RESUME_URL)
+        session.connection_made(float(attempt))
+        session.receive_frame(hello(), float(attempt))
+        session.connection_lost(None, float(attempt))  # dropped after HELLO: not the URL's fault
+
+
+def test_closes_before_ready_raise_an_alarm_once_and_ready_resets_it() -> None:
+    from ingest.session import CLOSES_BEFORE_READY_ALARM, ClosedBeforeReady
+
+    session = make_session()
+    alarms = []
+    for attempt in range(CLOSES_BEFORE_READY_ALARM + 2):
+        plan = session.next_connection(float(attempt))
+        assert plan is not None  # 4000 is not fatal: it keeps retrying
+        session.connection_made(float(attempt))
+        session.receive_frame(hello(), float(attempt))
+        session.identify(float(attempt))
+        session.connection_lost(4000, float(attempt))
+        alarms += [e for e in session.events_received() if isinstance(e, ClosedBeforeReady)]
+    assert alarms == [ClosedBeforeReady(CLOSES_BEFORE_READY_ALARM, 4000)]
+    assert session.closes_before_ready == CLOSES_BEFORE_READY_ALARM + 2
+    identify_once(session, 100.0, "finally")
+    assert session.closes_before_ready == 0
+
+
+def test_a_presence_too_large_for_identify_is_a_configuration_error() -> None:
+    from ingest.errors import ConfigError
+
+    presence = {"status": "online", "activities": [{"name": "x" * 5000, "type": 0}]}
+    with pytest.raises(ConfigError, match="presence"):
+        make_session(presence=presence)
+
+
+def test_an_identify_that_fails_in_the_shell_closes_and_retries_with_backoff() -> None:
+    session = make_session()
+    session.next_connection(0.0)
+    session.connection_made(0.0)
+    session.receive_frame(hello(), 0.0)
+    session.events_received()
+    session.identify_failed("identify failed: RuntimeError")
+    (close,) = session.events_received()
+    assert isinstance(close, Close) and close.cause == "identify_failed"
+    session.connection_lost(close.code, 1.0)
+    plan = session.next_connection(1.0)
+    assert plan is not None and not plan.resume and plan.delay > 0
