@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import orjson
 import pytest
 
 from ingest.compression import zstd_available
@@ -570,3 +571,217 @@ def test_a_peer_that_never_says_hello_is_left_and_redialled() -> None:
 
     asyncio.run(scenario())
     assert connections >= 3
+
+
+# -- the gateway and its pipeline against servers that are not Discord (issue #10) -------------
+
+
+class RecordingPublisher:
+    """Accepts every batch at once and keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    async def connect(self) -> None:
+        return None
+
+    async def declare(self, queues: Any) -> None:
+        return None
+
+    async def publish(self, messages: Any) -> None:
+        self.messages.extend(messages)
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None
+
+    def named(self, task_name: str) -> list[Any]:
+        return [m for m in self.messages if m.task_name == task_name]
+
+
+@dataclass
+class Piped:
+    sim: GatewaySimulator
+    gateway: Gateway
+    pipeline: Any
+    publisher: RecordingPublisher
+    task: asyncio.Task[None]
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        await self.sim.wait_until(lambda: predicate() or self.task.done(), timeout)
+        if self.task.done():
+            self.task.result()  # run() must never end (nor raise) for one bad event
+            raise AssertionError("run() returned")
+
+    def events(self) -> list[Any]:
+        return self.publisher.named("discord.MESSAGE_CREATE")
+
+    def dead_letters(self) -> list[Any]:
+        from ingest.routing import DEAD_LETTER_TASK
+
+        return self.publisher.named(DEAD_LETTER_TASK)
+
+
+@asynccontextmanager
+async def piped(
+    *,
+    subscribed: frozenset[str] = frozenset({"MESSAGE_CREATE"}),
+    compression: str = "zlib-stream",
+    **sim_options: Any,
+) -> AsyncIterator[Piped]:
+    from ingest.pipeline import Pipeline
+
+    options: dict[str, Any] = {"token": TOKEN, "heartbeat_interval_ms": 300}
+    options.update(sim_options)
+    async with GatewaySimulator(**options) as sim:
+        publisher = RecordingPublisher()
+        pipeline = Pipeline(publisher, subscribed=subscribed, linger_seconds=0)
+        gateway = Gateway(
+            TOKEN,
+            None,
+            sim.url,
+            compression=compression,
+            backoff_base=0.05,
+            identify_scheduler=LocalIdentifyScheduler(interval=sim.identify_interval),
+            on_dispatch=pipeline.accept,
+            on_rejected=pipeline.reject,
+            connect_gate=pipeline.wait_until_healthy,
+            read_gate=pipeline.has_room,
+        )
+        pipeline.attach(gateway)
+        publishing = asyncio.create_task(pipeline.run())
+        task = asyncio.create_task(gateway.run())
+        p = Piped(sim, gateway, pipeline, publisher, task)
+        try:
+            await p.until(lambda: gateway.session.state is State.CONNECTED)
+            yield p
+        finally:
+            if not task.done():
+                await gateway.stop()
+                await asyncio.wait_for(asyncio.shield(task), 10)
+            await pipeline.drain(2)
+            publishing.cancel()
+
+
+@pytest.mark.timeout(30)
+def test_a_poison_event_is_dead_lettered_and_the_shard_carries_on() -> None:
+    counts: dict[str, int] = {}
+
+    async def scenario() -> None:
+        async with piped() as p:
+            await p.sim.emit_many("MESSAGE_CREATE", sample_message_create, 10)
+            await p.sim.emit_poison(depth=400)
+            await p.sim.emit_many("MESSAGE_CREATE", lambda i: sample_message_create(10 + i), 10)
+            last = p.sim.sessions[p.gateway.session_id or ""].sequence
+            await p.until(lambda: p.gateway.session.committed_sequence == last)
+            counts.update(
+                sent=p.sim.emitted_count(),
+                published=len(p.events()),
+                dead_lettered=len(p.dead_letters()),
+            )
+            (dead,) = p.dead_letters()
+            _args, kwargs, _embed = orjson.loads(dead.body)
+            assert "deeper than" in kwargs["reason"] and kwargs["event"] == "MESSAGE_CREATE"
+            assert kwargs["raw"].count("[") > 400  # the frame as received
+            assert [index_of_body(m) for m in p.events()] == list(range(20))
+            assert p.gateway.reconnects == 0
+
+    run(scenario)
+    print("poison:", counts)
+    assert counts == {"sent": 21, "published": 20, "dead_lettered": 1}
+
+
+def index_of_body(message: Any) -> int:
+    (data,), _kwargs, _embed = orjson.loads(message.body)
+    return int(data["nonce"]) - NONCE_BASE
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("first_sequence", [1, 0])
+def test_a_server_reusing_its_session_id_gets_distinct_task_ids(first_sequence: int) -> None:
+    counts: dict[str, int] = {}
+
+    async def scenario() -> None:
+        subscribed = frozenset({"MESSAGE_CREATE", "READY"})
+        async with piped(
+            subscribed=subscribed,
+            reuse_session_id=True,
+            first_sequence=first_sequence,
+            identify_interval=0.2,
+        ) as p:
+            first = p.gateway.session_id
+            await p.sim.emit_many("MESSAGE_CREATE", sample_message_create, 25)
+            await p.until(lambda: len(p.events()) == 25)
+            await p.sim.send_invalid_session(False)  # the server "restarts": IDENTIFY again
+            await p.until(lambda: len(p.sim.identify_log) == 2)
+            await p.until(lambda: p.gateway.session.state is State.CONNECTED)
+            assert p.gateway.session_id == first  # same id, sequences started over
+            await p.sim.emit_many("MESSAGE_CREATE", lambda i: sample_message_create(25 + i), 25)
+            await p.until(lambda: len(p.events()) == 50)
+            readies = p.publisher.named("discord.READY")
+            assert [m.headers["discord_sequence"] for m in readies] == [first_sequence] * 2
+            ids = [m.task_id for m in p.events() + readies]
+            counts.update(
+                sent=p.sim.emitted_count(),
+                published=len(p.events()),
+                distinct_task_ids=len(set(ids)),
+                dead_lettered=len(p.dead_letters()),
+            )
+            assert len(set(ids)) == len(ids) == 52
+
+    run(scenario, timeout=35)
+    print(f"session-id reuse (first sequence {first_sequence}):", counts)
+    assert counts["published"] == 50 and counts["dead_lettered"] == 0
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(not zstd_available(), reason="zstandard not installed")
+def test_zstd_one_frame_per_message_server_delivers_every_event() -> None:
+    counts: dict[str, int] = {}
+
+    async def scenario() -> None:
+        async with piped(zstd_frame_per_message=True, compression="zstd-stream") as p:
+            assert p.sim.connections[0].compress == "zstd-stream"
+            await p.sim.emit_many("MESSAGE_CREATE", sample_message_create, 50)
+            await p.until(lambda: len(p.events()) == 50)
+            counts.update(
+                sent=p.sim.emitted_count(),
+                published=len(p.events()),
+                dead_lettered=len(p.dead_letters()),
+                reconnects=p.gateway.reconnects,
+            )
+
+    run(scenario)
+    print("zstd one frame per message:", counts)
+    assert counts == {"sent": 50, "published": 50, "dead_lettered": 0, "reconnects": 0}
+
+
+@pytest.mark.timeout(30)
+def test_an_identify_that_raises_closes_and_retries_the_shard() -> None:
+    class FlakyScheduler(LocalIdentifyScheduler):
+        failures = 1
+
+        async def acquire(self, shard_id: int) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("scheduler backend down")
+            await super().acquire(shard_id)
+
+    async def scenario() -> None:
+        async with rig(identify_scheduler=FlakyScheduler(interval=0.0)) as r:
+            assert r.gateway.reconnect_causes["identify_failed"] == 1
+            assert len(r.sim.identify_log) == 1
+            await r.emit(0, 5)
+            await r.received_all(5)
+
+    run(scenario)
+
+
+def test_a_presence_over_4096_bytes_is_refused_when_the_gateway_is_built() -> None:
+    from ingest.errors import ConfigError
+
+    presence = {"status": "online", "activities": [{"name": "x" * 5000, "type": 0}]}
+    with pytest.raises(ConfigError, match="presence"):
+        Gateway(TOKEN, None, "ws://127.0.0.1:9", presence=presence)

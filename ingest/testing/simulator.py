@@ -216,7 +216,7 @@ def _dispatch_frame(event: str, sequence: int, encoded_data: bytes) -> bytes:
 class _StreamCompressor:
     """Transport compression: one stream per connection, flushed at every frame boundary."""
 
-    def __init__(self, mode: Compression) -> None:
+    def __init__(self, mode: Compression, *, zstd_frame_per_message: bool = False) -> None:
         self.mode = mode
         self._zlib = zlib.compressobj() if mode == "zlib-stream" else None
         self._zstd = (
@@ -224,8 +224,16 @@ class _StreamCompressor:
             if mode == "zstd-stream" and zstandard is not None
             else None
         )
+        # Some servers (e.g. Spacebar) send each message as one complete zstd frame.
+        self._zstd_frames = (
+            zstandard.ZstdCompressor()
+            if zstd_frame_per_message and self._zstd is not None and zstandard is not None
+            else None
+        )
 
     def compress(self, payload: bytes) -> bytes:
+        if self._zstd_frames is not None:
+            return self._zstd_frames.compress(payload)
         if self._zlib is not None:
             out = self._zlib.compress(payload) + self._zlib.flush(zlib.Z_SYNC_FLUSH)
             assert out.endswith(ZLIB_SUFFIX)
@@ -241,7 +249,14 @@ class _StreamCompressor:
 class _Connection:
     """One WebSocket connection and the state Discord keeps for it before/after IDENTIFY."""
 
-    def __init__(self, ws: ServerConnection, path: str, query: dict[str, str]) -> None:
+    def __init__(
+        self,
+        ws: ServerConnection,
+        path: str,
+        query: dict[str, str],
+        *,
+        zstd_frame_per_message: bool = False,
+    ) -> None:
         self.ws = ws
         self.path = path
         self.query = query
@@ -253,7 +268,9 @@ class _Connection:
             if compress == "zstd-stream" and zstandard is not None
             else None
         )
-        self.compressor = _StreamCompressor(self.compress)
+        self.compressor = _StreamCompressor(
+            self.compress, zstd_frame_per_message=zstd_frame_per_message
+        )
         self.session: Session | None = None
         self.authenticated = False
         self.pending_heartbeats: list[int | None] = []
@@ -386,6 +403,9 @@ class GatewaySimulator:
         application_id: int = 1100000000000000001,
         on_connect: Callable[[GatewaySimulator, ServerConnection], Awaitable[None] | None]
         | None = None,
+        reuse_session_id: bool = False,
+        first_sequence: int = 1,
+        zstd_frame_per_message: bool = False,
     ) -> None:
         self.host = host
         self._requested_port = port
@@ -412,6 +432,12 @@ class GatewaySimulator:
         self.guild_size_kb = guild_size_kb
         self.application_id = application_id
         self.on_connect = on_connect
+        # Modes of servers that are not Discord (Spacebar): one session id for every IDENTIFY
+        # with sequences restarting at ``first_sequence``; zstd as one frame per message.
+        self.reuse_session_id = reuse_session_id
+        self.first_sequence = first_sequence
+        self.zstd_frame_per_message = zstd_frame_per_message
+        self._reused_session_id = secrets.token_hex(16)
         self.bot_user: JSONDict = {
             "id": str(application_id),
             "username": "ingest-sim",
@@ -507,6 +533,17 @@ class GatewaySimulator:
     async def emit(self, event_name: str, data: Any, shard_id: int | None = None) -> None:
         """Dispatch to the current session of every shard (or one), live or resumable."""
         encoded = orjson.dumps(data)
+        for session in self._targets(shard_id):
+            self._emitted[session.shard_id] = self._emitted.get(session.shard_id, 0) + 1
+            await self._dispatch(session, event_name, encoded)
+
+    async def emit_poison(
+        self, depth: int = 400, event_name: str = "MESSAGE_CREATE", shard_id: int | None = None
+    ) -> None:
+        """Dispatch a valid event with an extra key nesting ``depth`` lists: JSON a parser takes
+        (up to 1024 levels) but orjson cannot write back (past ~254), so it is spliced here."""
+        head = orjson.dumps(sample_message_create(0)).rstrip(b"}")
+        encoded = head + b',"nested":' + b"[" * depth + b"0" + b"]" * depth + b"}"
         for session in self._targets(shard_id):
             self._emitted[session.shard_id] = self._emitted.get(session.shard_id, 0) + 1
             await self._dispatch(session, event_name, encoded)
@@ -788,7 +825,7 @@ class GatewaySimulator:
         split = urlsplit(ws.request.path if ws.request is not None else "/")
         path = split.path.rstrip("/") or "/"
         query = {k: v[-1] for k, v in parse_qs(split.query).items()}
-        conn = _Connection(ws, path, query)
+        conn = _Connection(ws, path, query, zstd_frame_per_message=self.zstd_frame_per_message)
         self.connections_opened += 1
         self.connections.append(conn.record)
         self._live.add(conn)
@@ -920,12 +957,13 @@ class GatewaySimulator:
         self.session_start_remaining = max(0, self.session_start_remaining - 1)
 
         session = Session(
-            session_id=secrets.token_hex(16),
+            session_id=self._reused_session_id if self.reuse_session_id else secrets.token_hex(16),
             shard_id=shard_id,
             shard_count=shard_count,
             intents=intents,
             replay_limit=self.replay_buffer_size,
             resume_window=self.resume_window,
+            sequence=self.first_sequence - 1,
         )
         self.sessions[session.session_id] = session
         self._current[shard_id] = session
@@ -1145,6 +1183,11 @@ class SimulatorThread:
 
     def emit(self, event_name: str, data: Any, shard_id: int | None = None) -> None:
         self.call(self.sim.emit, event_name, data, shard_id)
+
+    def emit_poison(
+        self, depth: int = 400, event_name: str = "MESSAGE_CREATE", shard_id: int | None = None
+    ) -> None:
+        self.call(self.sim.emit_poison, depth, event_name, shard_id)
 
     def emit_many(
         self,
