@@ -4,7 +4,9 @@ frames (no sockets), so commit order, shedding and the read gate are checked ste
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -19,8 +21,11 @@ from ingest.messages import TaskMessage, task_id_for
 from ingest.pipeline import Pipeline
 from ingest.protocol import Opcode
 from ingest.routing import DEAD_LETTER_TASK
-from ingest.session import Dispatch, SessionState
+from ingest.session import Dispatch, SessionLost, SessionState
+from ingest.store import FileSessionStore, RedisSessionStore, SessionStore
 from ingest.testing.simulator import sample_message_create
+from tests.conftest import REDIS_URL
+from tests.support import require_broker
 
 T = TypeVar("T")
 WANTED = frozenset({"MESSAGE_CREATE", "EXPLODES"})
@@ -336,5 +341,89 @@ def test_the_task_argument_is_the_frames_own_data_bytes() -> None:
         (published,) = await publisher.release()
         assert data_json in published.body  # spliced as sent, not serialised again
         task.cancel()
+
+    run(main)
+
+
+# -- dead sessions leave the store -------------------------------------------------------------
+
+
+def store_for_test(kind: str, tmp_path: Path, redis_base: str | None) -> SessionStore:
+    if kind == "file":
+        return FileSessionStore(tmp_path)
+    assert redis_base is not None
+    return RedisSessionStore(f"{redis_base}/0", prefix=f"test:{uuid.uuid4().hex}")
+
+
+async def stored(store: SessionStore) -> SessionState | None:
+    return await store.load(0, 1)
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture(params=["file", "redis"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "redis":
+        require_broker("redis")
+    return str(request.param)
+
+
+def test_a_session_discord_invalidates_is_forgotten_in_the_store_at_once(
+    store_kind: str, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        store = store_for_test(store_kind, tmp_path, REDIS_URL)
+        publisher = HeldPublisher()
+        # A long save interval: only session_ended() may make the forgetting prompt.
+        pipeline = Pipeline(
+            publisher, subscribed=WANTED, store=store, linger_seconds=0, save_interval=30.0
+        )
+        g = gateway("doomed")
+        pipeline.attach(g)
+        task = start(pipeline)
+        pipeline.accept(g, message(1, session_id="doomed"))
+        await publisher.release()
+        await pipeline._save_if_due(force=True)
+        assert (await stored(store)) is not None
+        session = g.session
+        session.next_connection(0.0)
+        session.connection_made(0.0)
+        session.receive_frame(orjson.dumps({"op": 10, "d": {"heartbeat_interval": 1000}}), 0.0)
+        session.receive_frame(orjson.dumps({"op": Opcode.INVALID_SESSION, "d": False}), 0.0)
+        assert any(isinstance(e, SessionLost) for e in session.events_received())
+        pipeline.session_ended(g)
+
+        async def gone() -> bool:
+            return await stored(store) is None
+
+        await wait_for(gone)
+        task.cancel()
+        await store.close()
+
+    run(main)
+
+
+def test_a_non_resumable_stop_leaves_nothing_to_resume(store_kind: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        store = store_for_test(store_kind, tmp_path, REDIS_URL)
+        publisher = HeldPublisher()
+        pipeline = Pipeline(publisher, subscribed=WANTED, store=store, linger_seconds=0)
+        g = gateway("ending")
+        pipeline.attach(g)
+        task = start(pipeline)
+        pipeline.accept(g, message(1, session_id="ending"))
+        await publisher.release()
+        await pipeline._save_if_due(force=True)
+        assert (await stored(store)) is not None
+        await g.stop(resumable=False)
+        await pipeline.drain(1.0)
+        assert await stored(store) is None
+        task.cancel()
+        await store.close()
 
     run(main)

@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import orjson
 import pytest
 import zstandard
 from websockets.asyncio.client import ClientConnection, connect
@@ -515,6 +516,64 @@ def test_emit_many_paces_to_the_requested_rate() -> None:
             await sim.emit_many("TYPING_START", lambda i: {"n": i}, 21, rate=100)
             assert 0.18 < loop.time() - started < 1.0
             assert [(await recv_json(ws))["d"]["n"] for _ in range(21)] == list(range(21))
+            await ws.close()
+
+    run(scenario)
+
+
+# -- modes of servers that are not Discord ------------------------------------------------------
+
+
+@pytest.mark.parametrize("first_sequence", [1, 0])
+def test_session_id_reuse_mode_gives_every_identify_the_same_id_and_restarts_sequences(
+    first_sequence: int,
+) -> None:
+    async def scenario() -> None:
+        async with GatewaySimulator(
+            token=TOKEN, reuse_session_id=True, first_sequence=first_sequence, identify_interval=0
+        ) as sim:
+            ws, ready = await ready_session(sim)
+            await sim.emit("TYPING_START", {"channel_id": "1"})
+            assert (await recv_json(ws))["s"] == first_sequence + 1
+            await ws.close()
+            ws, again = await ready_session(sim)
+            assert again["d"]["session_id"] == ready["d"]["session_id"]
+            assert ready["s"] == again["s"] == first_sequence
+            await ws.close()
+
+    run(scenario)
+
+
+def test_zstd_frame_per_message_mode_sends_complete_independent_frames() -> None:
+    async def scenario() -> None:
+        async with GatewaySimulator(token=TOKEN, zstd_frame_per_message=True) as sim:
+            ws = await connect(
+                f"{sim.url}/?v=10&encoding=json&compress=zstd-stream", compression=None
+            )
+            frames = [await asyncio.wait_for(ws.recv(), 5)]
+            await ws.send(identify())
+            frames.append(await asyncio.wait_for(ws.recv(), 5))
+            # Each frame decodes on its own: a fresh decompressor, no shared stream.
+            decoded = [
+                json.loads(zstandard.ZstdDecompressor().decompress(f))  # type: ignore[arg-type]
+                for f in frames
+            ]
+            assert [d["op"] for d in decoded] == [Opcode.HELLO, Opcode.DISPATCH]
+            await ws.close()
+
+    run(scenario)
+
+
+def test_poison_event_nests_deeper_than_orjson_writes_but_parses() -> None:
+    async def scenario() -> None:
+        async with GatewaySimulator(token=TOKEN) as sim:
+            ws, _ready = await ready_session(sim)
+            await sim.emit_poison(depth=400)
+            raw = await asyncio.wait_for(ws.recv(), 5)
+            payload = orjson.loads(raw)
+            assert payload["t"] == "MESSAGE_CREATE" and payload["d"]["id"]
+            with pytest.raises(orjson.JSONEncodeError):
+                orjson.dumps(payload["d"])
             await ws.close()
 
     run(scenario)
