@@ -28,7 +28,13 @@ from ingest.pipeline import Pipeline
 from ingest.publish import Publisher, publisher_for
 from ingest.rest import RestError, fetch_gateway_bot
 from ingest.routing import DEAD_LETTER_QUEUE, route_for
-from ingest.session import Event, SessionLost, SessionResumed, SessionStarted
+from ingest.session import (
+    ClosedBeforeReady,
+    Event,
+    SessionLost,
+    SessionResumed,
+    SessionStarted,
+)
 from ingest.store import SessionStore, store_for
 
 log = logging.getLogger("ingest.process")
@@ -64,6 +70,8 @@ class GatewayProcess:
         self.shard_count = 1
         self.metrics_port: int | None = None
         self.identify_scheduler: IdentifyScheduler | None = None
+        self._problem_shards: set[int] = set()
+        self._reports: set[asyncio.Future[None]] = set()
 
     def request_shutdown(self) -> None:
         log.info("shutdown requested")
@@ -261,8 +269,34 @@ class GatewayProcess:
             summary["invalid"],
         )
 
+    def _report_problem(self, gateway: Gateway, problem: str | None) -> None:
+        """Tell `python -m ingest status` (through the store) what keeps a shard from READY."""
+        store = self.store
+        if store is None:
+            return
+
+        async def report() -> None:
+            try:
+                await store.report_problem(gateway.shard_id, self.shard_count, problem)
+            except Exception as exc:  # noqa: BLE001 - status is a convenience, never a failure
+                log.warning("could not record shard %d's problem: %r", gateway.shard_id, exc)
+
+        task = asyncio.ensure_future(report())
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
     def _on_lifecycle(self, gateway: Gateway, event: Event) -> None:
+        if isinstance(event, ClosedBeforeReady):
+            self._problem_shards.add(gateway.shard_id)
+            self._report_problem(
+                gateway,
+                f"{event.count} connections in a row closed before READY (last close code "
+                f"{event.close_code}): check DISCORD_TOKEN and DISCORD_INTENTS",
+            )
         if isinstance(event, SessionStarted | SessionResumed):
+            if gateway.shard_id in self._problem_shards:
+                self._problem_shards.discard(gateway.shard_id)
+                self._report_problem(gateway, None)
             if gateway.shard_id not in self._ready:
                 self._ready.add(gateway.shard_id)
                 total = len(self.gateways)

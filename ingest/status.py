@@ -29,6 +29,7 @@ async def collect_status(env: dict[str, str]) -> dict[str, Any]:
     store = store_for(env.get("INGEST_STATE_URL") or None, broker_url, data_dir_from_env(env))
     try:
         sessions = await store.load_all()
+        problems = await store.load_problems()
     finally:
         await store.close()
     queues: dict[str, int] = {}
@@ -71,6 +72,7 @@ async def collect_status(env: dict[str, str]) -> dict[str, Any]:
             }
             for s in sessions
         ],
+        "problems": [{"shard": shard, "problem": text} for shard, text in sorted(problems.items())],
         "queues": [
             {
                 "queue": name,
@@ -109,6 +111,8 @@ def format_table(status: dict[str, Any]) -> str:
         )
     if not status["shards"]:
         lines.append("(no persisted sessions)")
+    for row in status.get("problems", []):
+        lines.append(f"shard {row['shard']}: {row['problem']}")
     lines.append("")
     lines.append(f"{'EVENT':<36} {'QUEUE':<44} {'DEPTH':>8}")
     for row in status["queues"]:

@@ -23,6 +23,8 @@ from ingest.session import SessionState
 log = logging.getLogger("ingest.store")
 
 KEY_PREFIX = "ingest:session"
+# Per shard, a line for `python -m ingest status` about a shard that cannot get going.
+PROBLEM_PREFIX = "ingest:problem"
 
 
 class SessionStore(Protocol):
@@ -35,11 +37,21 @@ class SessionStore(Protocol):
 
     async def load_all(self) -> list[SessionState]: ...
 
+    async def report_problem(self, shard_id: int, shard_count: int, problem: str | None) -> None:
+        """Record (or, with None, clear) what keeps the shard from getting a session."""
+
+    async def load_problems(self) -> dict[str, str]:
+        """``"<shard>/<count>"`` -> the problem last reported for it."""
+
     async def close(self) -> None: ...
 
 
 def _optional_float(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _encode(state: SessionState) -> str:
@@ -72,6 +84,18 @@ class RedisSessionStore:
             redis_py_url(url), socket_timeout=5, socket_connect_timeout=5
         )
         self._prefix = prefix
+        # Outside "<prefix>:*", which load_all() reads as sessions.
+        self._problems = PROBLEM_PREFIX if prefix == KEY_PREFIX else f"{prefix}-problems"
+
+    async def report_problem(self, shard_id: int, shard_count: int, problem: str | None) -> None:
+        if problem is None:
+            await self._redis.hdel(self._problems, f"{shard_id}/{shard_count}")
+        else:
+            await self._redis.hset(self._problems, f"{shard_id}/{shard_count}", problem)
+
+    async def load_problems(self) -> dict[str, str]:
+        raw: dict[bytes | str, bytes | str] = await self._redis.hgetall(self._problems)
+        return {_text(k): _text(v) for k, v in raw.items()}
 
     def _key(self, shard_id: int, shard_count: int) -> str:
         return f"{self._prefix}:{shard_count}:{shard_id}"
@@ -109,6 +133,24 @@ class FileSessionStore:
 
     def __init__(self, directory: Path) -> None:
         self._dir = directory
+
+    def _problem_path(self, shard_id: int, shard_count: int) -> Path:
+        return self._dir / f"problem-{shard_id}-of-{shard_count}.txt"
+
+    async def report_problem(self, shard_id: int, shard_count: int, problem: str | None) -> None:
+        path = self._problem_path(shard_id, shard_count)
+        if problem is None:
+            path.unlink(missing_ok=True)
+        else:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(problem)
+
+    async def load_problems(self) -> dict[str, str]:
+        problems = {}
+        for path in sorted(self._dir.glob("problem-*-of-*.txt")):
+            shard_id, _, shard_count = path.stem[len("problem-") :].partition("-of-")
+            problems[f"{shard_id}/{shard_count}"] = path.read_text()
+        return problems
 
     def _path(self, shard_id: int, shard_count: int) -> Path:
         return self._dir / f"session-{shard_id}-of-{shard_count}.json"

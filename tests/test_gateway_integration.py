@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
@@ -785,3 +786,45 @@ def test_a_presence_over_4096_bytes_is_refused_when_the_gateway_is_built() -> No
     presence = {"status": "online", "activities": [{"name": "x" * 5000, "type": 0}]}
     with pytest.raises(ConfigError, match="presence"):
         Gateway(TOKEN, None, "ws://127.0.0.1:9", presence=presence)
+
+
+def test_closes_before_ready_show_in_status_until_the_shard_gets_a_session(
+    tmp_path: Path,
+) -> None:
+    from ingest.config import load_config
+    from ingest.process import GatewayProcess
+    from ingest.session import ClosedBeforeReady, SessionStarted
+    from ingest.status import collect_status, format_table
+    from ingest.store import FileSessionStore
+
+    env = {
+        "DISCORD_TOKEN": TOKEN,
+        "CELERY_BROKER_URL": "memory://",
+        "INGEST_STATE_URL": f"file://{tmp_path}",
+    }
+
+    async def scenario() -> None:
+        process = GatewayProcess(load_config(env))
+        process.store = FileSessionStore(tmp_path)
+        gateway = Gateway(TOKEN, None, "ws://127.0.0.1:9")
+        process._on_lifecycle(gateway, ClosedBeforeReady(3, 4000))
+        await asyncio.gather(*process._reports)
+        status = await collect_status(env)
+        (problem,) = status["problems"]
+        assert problem["shard"] == "0/1" and "DISCORD_TOKEN" in problem["problem"]
+        assert "4000" in format_table(status)
+        process._on_lifecycle(gateway, SessionStarted("s", None))
+        await asyncio.gather(*process._reports)
+        assert (await collect_status(env))["problems"] == []
+
+    run(scenario)
+
+
+def test_closes_before_ready_are_a_per_shard_metric() -> None:
+    from ingest.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.shard_readers.append(lambda: [{"shard_id": 0, "closes_before_ready": 4}])
+    families = {f.name: f for f in metrics.collect()}
+    (sample,) = families["discord_ingest_shard_closes_before_ready"].samples
+    assert sample.value == 4 and sample.labels == {"shard": "0"}
