@@ -55,6 +55,29 @@ def test_task_id_matches_uuid5_across_sessions_shards_and_sequences() -> None:
                 assert task_id_for(session, shard, sequence) == expected
 
 
+def test_task_id_includes_the_identify_epoch_so_a_reused_session_id_cannot_collide() -> None:
+    # A server that reuses session ids and restarts sequences: a new IDENTIFY, a new epoch.
+    expected = str(uuid.uuid5(TASK_ID_NAMESPACE, f"{SESSION}@e1/3/7"))
+    assert task_id_for(SESSION, 3, 7, "e1") == expected
+    assert task_id_for(SESSION, 3, 7, "e2") != expected
+    # A replay within one IDENTIFY keeps its id; no epoch (a session stored by an older
+    # version) keeps the old id, so replays across the upgrade are still recognised.
+    assert task_id_for(SESSION, 3, 7, "e1") == expected
+    assert task_id_for(SESSION, 3, 7) == str(uuid.uuid5(TASK_ID_NAMESPACE, f"{SESSION}/3/7"))
+    message = build_event_message(
+        "MESSAGE_CREATE", b"{}", shard_id=3, sequence=7, session_id=SESSION, epoch="e1"
+    )
+    assert message.task_id == expected
+    assert message.headers["discord_session_id"] == SESSION  # handlers still see Discord's id
+    dead = [
+        build_dead_letter_message(
+            reason="r", raw=b"{}", event="X", shard_id=3, sequence=7, session_id=SESSION, epoch=e
+        ).task_id
+        for e in ("e1", "e2")
+    ]
+    assert dead[0] != dead[1]
+
+
 # Event names and session ids that would break naive splicing into JSON or AMQP tables.
 _ODD = [
     ("MESSAGE_CREATE", SESSION, 3, 5),
