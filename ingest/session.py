@@ -493,7 +493,7 @@ class Session:
 
     def _count_early_loss(self, code: int | None) -> None:
         """Track connections that never got going: a dead resume URL, or closes before READY."""
-        if self._resume_url_planned and self.state in (State.DISCONNECTED, State.AWAITING_HELLO):
+        if self._resume_url_planned:
             # Never heard HELLO from the resume URL: after a few, resume via the gateway URL.
             self.resume_url_failures += 1
             if self.resume_url_failures >= MAX_RESUME_URL_FAILURES:
@@ -593,6 +593,7 @@ class Session:
             self._events.append(Rejected("HELLO received twice", raw))
             return
         self.heartbeat_interval = interval / 1000.0
+        # The resume URL answered: whatever happens next on it is not the URL's fault.
         self.resume_url_failures = 0
         self._resume_url_planned = False
         # Jitter the first beat so shards reconnecting together do not beat together.
