@@ -828,3 +828,47 @@ def test_closes_before_ready_are_a_per_shard_metric() -> None:
     families = {f.name: f for f in metrics.collect()}
     (sample,) = families["discord_ingest_shard_closes_before_ready"].samples
     assert sample.value == 4 and sample.labels == {"shard": "0"}
+
+
+@pytest.mark.timeout(30)
+def test_a_dead_resume_url_falls_back_to_the_gateway_url_and_resumes_there() -> None:
+    import dataclasses
+    import socket
+
+    async def scenario() -> None:
+        async with GatewaySimulator(token=TOKEN, heartbeat_interval_ms=300) as sim:
+            first = Gateway(TOKEN, None, sim.url, backoff_base=0.05)
+            task = asyncio.create_task(first.run())
+            await sim.wait_until(lambda: first.session.state is State.CONNECTED)
+            await sim.emit_many("MESSAGE_CREATE", sample_message_create, 5)
+            await sim.wait_until(lambda: first.seq == 6)  # READY + 5 received
+            await first.stop()
+            await asyncio.wait_for(task, 5)
+            snapshot = first.session.snapshot()
+            assert snapshot is not None
+            # The stored resume URL now points at a port nothing listens on (a past run's).
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                dead_port = probe.getsockname()[1]
+            stale = dataclasses.replace(snapshot, resume_url=f"ws://127.0.0.1:{dead_port}")
+            await sim.wait_until(lambda: not sim.ready_shards())
+            await sim.emit_many("MESSAGE_CREATE", lambda i: sample_message_create(5 + i), 5)
+
+            got: list[int] = []
+            second = Gateway(TOKEN, None, sim.url, backoff_base=0.05, resume_from=stale)
+
+            async def on_message(message: Any) -> None:
+                got.append(index_of(message))
+
+            second.on("MESSAGE_CREATE", on_message)
+            task = asyncio.create_task(second.run())
+            await sim.wait_until(lambda: len(got) >= 5, timeout=15)
+            assert got == list(range(5, 10))
+            assert second.reconnect_causes["connect_failed"] == 3
+            resume = sim.resume_log[-1]
+            assert resume.accepted and resume.session_id == snapshot.session_id
+            assert len(sim.identify_log) == 1  # resumed, not identified again
+            await second.stop()
+            await asyncio.wait_for(task, 5)
+
+    run(scenario)
