@@ -427,3 +427,44 @@ def test_a_non_resumable_stop_leaves_nothing_to_resume(store_kind: str, tmp_path
         await store.close()
 
     run(main)
+
+
+def test_the_process_counts_a_lost_session_once_and_forgets_it_at_once(tmp_path: Path) -> None:
+    from ingest.config import load_config
+    from ingest.process import GatewayProcess
+
+    env = {
+        "DISCORD_TOKEN": "token-" + "x" * 20,
+        "CELERY_BROKER_URL": "memory://",
+        "INGEST_MAX_BUFFERED_BYTES": "1048576",
+    }
+
+    async def main() -> None:
+        config = load_config(env)
+        assert config.max_buffered_bytes == 1 << 20
+        process = GatewayProcess(config)
+        store = FileSessionStore(tmp_path)
+        publisher = HeldPublisher()
+        process.pipeline = pipeline = Pipeline(
+            publisher, subscribed=WANTED, store=store, linger_seconds=0, save_interval=30.0
+        )
+        g = gateway("lost")
+        pipeline.attach(g)
+        task = start(pipeline)
+        await store.save([SessionState("lost", 3, None)])
+        session = g.session
+        session.next_connection(0.0)
+        session.connection_made(0.0)
+        session.receive_frame(orjson.dumps({"op": 10, "d": {"heartbeat_interval": 1000}}), 0.0)
+        session.receive_frame(orjson.dumps({"op": Opcode.INVALID_SESSION, "d": False}), 0.0)
+        for event in session.events_received():
+            process._on_lifecycle(g, event)
+
+        async def gone() -> bool:
+            return await stored(store) is None
+
+        await wait_for(gone)
+        assert process.metrics.sessions_lost == 1
+        task.cancel()
+
+    run(main)
