@@ -872,3 +872,24 @@ def test_a_dead_resume_url_falls_back_to_the_gateway_url_and_resumes_there() -> 
             await asyncio.wait_for(task, 5)
 
     run(scenario)
+
+
+@pytest.mark.timeout(30)
+def test_closes_4000_before_every_ready_are_logged_as_an_error_and_retried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        async with rig(
+            sim_options={"refuse_identify_with": 4000, "identify_interval": 0.0},
+            identify_scheduler=LocalIdentifyScheduler(interval=0.0),
+            start=False,
+        ) as r:
+            await r.until(lambda: r.gateway.session.closes_before_ready >= 4)
+            assert not r.task.done()  # 4000 is not fatal: still retrying
+            assert r.gateway.reconnect_causes["close_4000"] >= 4
+
+    with caplog.at_level(logging.ERROR, logger="ingest.gateway"):
+        run(scenario)
+    alarms = [rec for rec in caplog.records if "closed before READY" in rec.getMessage()]
+    assert len(alarms) == 1 and alarms[0].levelno == logging.ERROR
+    assert "DISCORD_TOKEN" in alarms[0].getMessage() and "intents" in alarms[0].getMessage()

@@ -406,6 +406,7 @@ class GatewaySimulator:
         reuse_session_id: bool = False,
         first_sequence: int = 1,
         zstd_frame_per_message: bool = False,
+        refuse_identify_with: int | None = None,
     ) -> None:
         self.host = host
         self._requested_port = port
@@ -437,6 +438,8 @@ class GatewaySimulator:
         self.reuse_session_id = reuse_session_id
         self.first_sequence = first_sequence
         self.zstd_frame_per_message = zstd_frame_per_message
+        # Spacebar answers a bad token with close 4000 (not 4004) after IDENTIFY.
+        self.refuse_identify_with = refuse_identify_with
         self._reused_session_id = secrets.token_hex(16)
         self.bot_user: JSONDict = {
             "id": str(application_id),
@@ -914,6 +917,8 @@ class GatewaySimulator:
     async def _identify(self, conn: _Connection, data: Any) -> CloseCode | None:
         if not isinstance(data, dict):
             return CloseCode.DECODE_ERROR
+        if self.refuse_identify_with is not None:
+            return CloseCode(self.refuse_identify_with)
         if data.get("token") != self.token:
             logger.info("IDENTIFY with a wrong token: closing 4004")
             return CloseCode.AUTHENTICATION_FAILED
