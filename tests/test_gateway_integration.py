@@ -893,3 +893,62 @@ def test_closes_4000_before_every_ready_are_logged_as_an_error_and_retried(
     alarms = [rec for rec in caplog.records if "closed before READY" in rec.getMessage()]
     assert len(alarms) == 1 and alarms[0].levelno == logging.ERROR
     assert "DISCORD_TOKEN" in alarms[0].getMessage() and "intents" in alarms[0].getMessage()
+
+
+PROCESS_REDIS_DB = 15  # this test's database on the test Redis (see conftest)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.redis
+def test_python_m_ingest_survives_a_poison_event_and_commits_past_it() -> None:
+    """The issue's reproduction: a deep payload used to raise out of run(), exit 1, resume,
+    get the same event replayed, and crash again forever."""
+    import redis
+
+    from ingest.testing import SimulatorThread
+    from tests.support import (
+        REDIS_HOST,
+        REDIS_PORT,
+        base_env,
+        gateway_process,
+        redis_url,
+        require_broker,
+        short_tempdir,
+    )
+
+    require_broker("redis")
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=PROCESS_REDIS_DB)
+    client.flushdb()
+    with short_tempdir() as data_dir, SimulatorThread() as sim:
+        env = base_env(
+            DISCORD_TOKEN="sim-token",
+            DISCORD_GATEWAY_URL=sim.url,
+            DISCORD_API_URL=sim.api_url,
+            INGEST_DATA_DIR=str(data_dir),
+            CELERY_BROKER_URL=redis_url(PROCESS_REDIS_DB),
+        )
+        gateway = gateway_process(env)
+        try:
+            gateway.wait_for_line("all 1 shards ready", timeout=30)
+            sim.emit_many("MESSAGE_CREATE", sample_message_create, 10)
+            sim.emit_poison(depth=400)
+            sim.emit_many("MESSAGE_CREATE", lambda i: sample_message_create(10 + i), 10)
+            gateway.wait_for(
+                lambda _: (
+                    client.llen("discord.MESSAGE_CREATE") == 20
+                    and client.llen("discord.invalid") == 1
+                ),
+                timeout=30,
+                what="20 events and 1 dead letter in Redis",
+            )
+            assert gateway.popen.poll() is None
+            assert gateway.stop() == 0
+        finally:
+            gateway.kill()
+    stored = orjson.loads(client.get("ingest:session:1:0") or b"{}")
+    client.close()
+    stopped = next(line for line in gateway.output() if "stopped:" in line)
+    print(f"\npython -m ingest, poison event: sent 21; gateway: {stopped}")
+    assert "21 published" not in stopped and "1 invalid" in stopped
+    assert stored["sequence"] == 22  # READY, 10, the poison event, 10: all committed
+    assert "Traceback" not in gateway.text()
