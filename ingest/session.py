@@ -61,11 +61,16 @@ _HEAD_BEFORE_DATA: Final = re.compile(
 )
 
 
+_MAX_HEAD_BYTES: Final = 1024
+
+
 def _data_bytes(payload: dict[str, Any], raw: bytes) -> bytes | None:
     """``d`` cut out of the frame when it is the frame's last key (Discord's own layout)."""
     if next(reversed(payload)) != "d":
         return None
-    head = _HEAD_BEFORE_DATA.match(raw)
+    # Discord's head (t, s, op) is tens of bytes; looking no further bounds the cost of a
+    # hostile frame with huge strings before its "d".
+    head = _HEAD_BEFORE_DATA.match(raw, 0, _MAX_HEAD_BYTES)
     if head is None:
         return None
     end = len(raw.rstrip())

@@ -778,3 +778,13 @@ def test_an_identify_that_fails_in_the_shell_closes_and_retries_with_backoff() -
     session.connection_lost(close.code, 1.0)
     plan = session.next_connection(1.0)
     assert plan is not None and not plan.resume and plan.delay > 0
+
+
+def test_a_frame_with_a_huge_head_before_d_is_serialised_not_scanned() -> None:
+    # Cutting d out looks at the first KB only: a hostile head cannot make it scan megabytes.
+    session = connected(make_session())
+    wire = b'{"t":"MESSAGE_CREATE","x":"' + b"a" * 100_000 + b'","s":2,"op":0,"d":{"id":"2"}}'
+    session.receive_frame(wire, 1.0)
+    (event,) = session.events_received()
+    assert isinstance(event, Dispatch) and event.sequence == 2
+    assert event.data == {"id": "2"} and event.data_json is None
