@@ -42,7 +42,6 @@ from tests.support import (
 # (a fresh token each), so one test's budget never leaks into another's.
 REDIS_DB = 15
 REDIS_URL = redis_url(REDIS_DB)
-HOLD_MS = 10_000
 SPENT = "session start budget spent (shared by every gateway process of this bot)"
 
 
@@ -353,17 +352,30 @@ def test_two_gateway_processes_start_no_more_sessions_than_discord_allows(
                 INGEST_DATA_DIR=str(data_dir / shard_ids),
             )
 
-        # Hold every bucket's identify lease for a while, as if another process had just
-        # identified: both processes then fetch /gateway/bot before any session starts (the
-        # race of the issue), and all four shards take their start from the budget at once.
-        for bucket in range(4):
-            redis_db.set(lease_key(4, bucket), "held-by-the-test", px=HOLD_MS)
+        # Hold every bucket's identify lease, as if another process were identifying, until
+        # all four shards connected: both processes have then passed their start-up check on
+        # /gateway/bot's "3 left" before any session started (the race of the issue).
+        def hold_leases() -> None:
+            for bucket in range(4):
+                redis_db.set(lease_key(4, bucket), "held-by-the-test", px=2000)
+
+        def all_connected(procs: list[Proc]) -> bool:
+            text = "\n".join(p.text() for p in procs)
+            return all(f"shard {s} connecting" in text for s in range(4))
+
+        hold_leases()
         procs: list[Proc] = [
             gateway_process(env("0-1"), name="gateway 0-1"),
             gateway_process(env("2-3"), name="gateway 2-3"),
         ]
         try:
             deadline = time.monotonic() + 60
+            while not all_connected(procs):
+                hold_leases()
+                assert time.monotonic() < deadline, "\n".join(p.text() for p in procs)
+                assert all(p.popen.poll() is None for p in procs), [p.text() for p in procs]
+                time.sleep(0.05)
+            assert sim.identify_log == []
             # Done when the budget is spent and one shard refused, or a 4th session started.
             while not (
                 len(sim.identify_log) >= 4

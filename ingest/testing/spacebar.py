@@ -2,7 +2,8 @@
 
 Spacebar is an independent Discord-compatible server; it omits keys whose value is undefined or
 null and predates newer Discord fields. These four shapes were dead-lettered by the first models
-(issue #10); the simulator and tests reuse them to prove real payloads are accepted.
+(issue #10); the simulator and tests reuse them to prove real payloads are accepted. The payloads
+share nested objects: ``copy.deepcopy`` one before changing it.
 """
 
 from __future__ import annotations
