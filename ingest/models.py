@@ -80,11 +80,17 @@ class DiscordModel(BaseModel):
 
 
 # --------------------------------------------------------------------------- shared objects
+#
+# The leniency rule: a field is required only when the object is useless without it (the ids
+# that route or identify it). Every other field, documented as required or not, defaults to
+# None, so "absent" never reads as a made-up value: a partial update without ``roles`` is not
+# an update to no roles. Discord adds fields monthly and sends partial objects, and other
+# servers (Spacebar) omit keys Discord sends; a dead letter for a missing ``flags`` is our bug.
 
 
 class AvatarDecorationData(DiscordModel):
-    asset: str
-    sku_id: Snowflake
+    asset: str | None = None
+    sku_id: Snowflake | None = None
 
 
 class PartialUser(DiscordModel):
@@ -110,16 +116,8 @@ class PartialUser(DiscordModel):
 
 
 class User(PartialUser):
-    """The user object.
-
-    ``global_name`` is documented as required-but-nullable, yet Discord omits it on webhook
-    message authors (discord-api-docs issues #6463, #6743), so it stays optional here: a
-    webhook's MESSAGE_CREATE must not be dead-lettered for it.
-    """
-
-    username: str
-    discriminator: str
-    avatar: str | None
+    """The user object. Only ``id`` is required: MESSAGE_UPDATE sends partial authors, webhook
+    authors lack ``global_name`` (discord-api-docs #6463), and other servers omit more."""
 
 
 class PartialGuildMember(DiscordModel):
@@ -142,13 +140,7 @@ class PartialGuildMember(DiscordModel):
 
 
 class GuildMember(PartialGuildMember):
-    """The full guild member object (``joined_at`` is null for voice guests)."""
-
-    roles: list[Snowflake]
-    joined_at: datetime | None
-    deaf: bool
-    mute: bool
-    flags: int
+    """The guild member object; its identity is ``user.id`` (or the event's ``user``)."""
 
 
 class RoleTags(DiscordModel):
@@ -160,25 +152,30 @@ class RoleTags(DiscordModel):
 
 class Role(DiscordModel):
     id: Snowflake
-    name: str
-    color: int
-    hoist: bool
+    name: str | None = None
+    color: int | None = None
+    colors: JsonObject | None = None
+    hoist: bool | None = None
     icon: str | None = None
     unicode_emoji: str | None = None
-    position: int
+    position: int | None = None
     # A permission bit set, kept as Discord's decimal string (it outgrows 53 bits).
-    permissions: str
-    managed: bool
-    mentionable: bool
+    permissions: str | None = None
+    managed: bool | None = None
+    mentionable: bool | None = None
     tags: RoleTags | None = None
-    flags: int
+    flags: int | None = None
 
 
 class Emoji(DiscordModel):
-    """Emoji object; reactions send the partial form ``{id, name, animated?}``."""
+    """Emoji object; reactions send the partial form ``{id, name, animated?}``.
 
-    id: Snowflake | None
-    name: str | None
+    A unicode emoji has a null ``id`` (other servers omit it), a deleted custom emoji a null
+    ``name``: neither is required.
+    """
+
+    id: Snowflake | None = None
+    name: str | None = None
     roles: list[Snowflake] | None = None
     user: User | None = None
     require_colons: bool | None = None
@@ -189,16 +186,16 @@ class Emoji(DiscordModel):
 
 class Overwrite(DiscordModel):
     id: Snowflake
-    type: int
-    allow: str
-    deny: str
+    type: int | None = None
+    allow: str | None = None
+    deny: str | None = None
 
 
 class ThreadMetadata(DiscordModel):
-    archived: bool
-    auto_archive_duration: int
-    archive_timestamp: datetime
-    locked: bool
+    archived: bool | None = None
+    auto_archive_duration: int | None = None
+    archive_timestamp: datetime | None = None
+    locked: bool | None = None
     invitable: bool | None = None
     create_timestamp: datetime | None = None
 
@@ -207,8 +204,8 @@ class ThreadMember(DiscordModel):
     # id and user_id are omitted in GUILD_CREATE, where the thread and user are implied.
     id: Snowflake | None = None
     user_id: Snowflake | None = None
-    join_timestamp: datetime
-    flags: int
+    join_timestamp: datetime | None = None
+    flags: int | None = None
     member: GuildMember | None = None
 
 
@@ -216,7 +213,7 @@ class Channel(DiscordModel):
     """Channel object, threads included (they carry ``thread_metadata`` and ``member``)."""
 
     id: Snowflake
-    type: int
+    type: int | None = None
     guild_id: Snowflake | None = None
     position: int | None = None
     permission_overwrites: list[Overwrite] | None = None
@@ -254,13 +251,13 @@ class Channel(DiscordModel):
 
 class Attachment(DiscordModel):
     id: Snowflake
-    filename: str
+    filename: str | None = None
     title: str | None = None
     description: str | None = None
     content_type: str | None = None
-    size: int
-    url: str
-    proxy_url: str
+    size: int | None = None
+    url: str | None = None
+    proxy_url: str | None = None
     height: int | None = None
     width: int | None = None
     ephemeral: bool | None = None
@@ -270,12 +267,13 @@ class Attachment(DiscordModel):
 
 
 class Reaction(DiscordModel):
-    count: int
-    count_details: dict[str, int]
-    me: bool
-    me_burst: bool
+    # The emoji is what the reaction is; counts are optional like everything else.
     emoji: Emoji
-    burst_colors: list[str]
+    count: int | None = None
+    count_details: dict[str, int] | None = None
+    me: bool | None = None
+    me_burst: bool | None = None
+    burst_colors: list[str] | None = None
 
 
 class MessageReference(DiscordModel):
@@ -295,29 +293,32 @@ class MentionedUser(User):
 class Message(DiscordModel):
     """Message object, with the gateway's ``guild_id`` and ``member`` extras.
 
-    ``referenced_message`` follows the docs exactly: absent means "not fetched", null means
-    "the replied-to message was deleted"; ``model_fields_set`` tells the two apart.
+    Only ``id`` and ``channel_id`` are required here: MESSAGE_UPDATE may send a partial
+    message (an embed unfurled, a pin), and ``referenced_message`` may be partial too.
+    MESSAGE_CREATE also requires ``author``. ``referenced_message`` follows the docs exactly:
+    absent means "not fetched", null means "the replied-to message was deleted";
+    ``model_fields_set`` tells the two apart.
     """
 
     id: Snowflake
     channel_id: Snowflake
-    author: User
-    content: str
-    timestamp: datetime
-    edited_timestamp: datetime | None
-    tts: bool
-    mention_everyone: bool
-    mentions: list[MentionedUser]
-    mention_roles: list[Snowflake]
+    author: User | None = None
+    content: str | None = None
+    timestamp: datetime | None = None
+    edited_timestamp: datetime | None = None
+    tts: bool | None = None
+    mention_everyone: bool | None = None
+    mentions: list[MentionedUser] | None = None
+    mention_roles: list[Snowflake] | None = None
     mention_channels: list[JsonObject] | None = None
-    attachments: list[Attachment]
-    embeds: list[JsonObject]
+    attachments: list[Attachment] | None = None
+    embeds: list[JsonObject] | None = None
     reactions: list[Reaction] | None = None
     # Clients send either form; the smart union keeps whichever type arrived.
     nonce: int | str | None = None
-    pinned: bool
+    pinned: bool | None = None
     webhook_id: Snowflake | None = None
-    type: int
+    type: int | None = None
     activity: JsonObject | None = None
     application: JsonObject | None = None
     application_id: Snowflake | None = None
@@ -349,55 +350,56 @@ class Guild(DiscordModel):
     """Guild object as GUILD_UPDATE sends it; undeclared fields still arrive as extras."""
 
     id: Snowflake
-    name: str
-    icon: str | None
-    splash: str | None
-    discovery_splash: str | None
-    owner_id: Snowflake
-    afk_channel_id: Snowflake | None
-    afk_timeout: int
+    name: str | None = None
+    icon: str | None = None
+    splash: str | None = None
+    discovery_splash: str | None = None
+    owner_id: Snowflake | None = None
+    afk_channel_id: Snowflake | None = None
+    afk_timeout: int | None = None
     widget_enabled: bool | None = None
     widget_channel_id: Snowflake | None = None
-    verification_level: int
-    default_message_notifications: int
-    explicit_content_filter: int
-    roles: list[Role]
-    emojis: list[Emoji]
-    features: list[str]
-    mfa_level: int
-    application_id: Snowflake | None
-    system_channel_id: Snowflake | None
-    system_channel_flags: int
-    rules_channel_id: Snowflake | None
+    verification_level: int | None = None
+    default_message_notifications: int | None = None
+    explicit_content_filter: int | None = None
+    roles: list[Role] | None = None
+    emojis: list[Emoji] | None = None
+    features: list[str] | None = None
+    mfa_level: int | None = None
+    application_id: Snowflake | None = None
+    system_channel_id: Snowflake | None = None
+    system_channel_flags: int | None = None
+    rules_channel_id: Snowflake | None = None
     max_presences: int | None = None
     max_members: int | None = None
-    vanity_url_code: str | None
-    description: str | None
-    banner: str | None
-    premium_tier: int
+    vanity_url_code: str | None = None
+    description: str | None = None
+    banner: str | None = None
+    premium_tier: int | None = None
     premium_subscription_count: int | None = None
-    preferred_locale: str
-    public_updates_channel_id: Snowflake | None
-    nsfw_level: int
+    preferred_locale: str | None = None
+    public_updates_channel_id: Snowflake | None = None
+    nsfw_level: int | None = None
     stickers: list[JsonObject] | None = None
-    premium_progress_bar_enabled: bool
-    safety_alerts_channel_id: Snowflake | None
+    premium_progress_bar_enabled: bool | None = None
+    safety_alerts_channel_id: Snowflake | None = None
 
 
 class VoiceState(DiscordModel):
     guild_id: Snowflake | None = None
-    channel_id: Snowflake | None
+    # Null means the user left voice; absent (other servers) reads the same.
+    channel_id: Snowflake | None = None
     user_id: Snowflake
     member: GuildMember | None = None
-    session_id: str
-    deaf: bool
-    mute: bool
-    self_deaf: bool
-    self_mute: bool
+    session_id: str | None = None
+    deaf: bool | None = None
+    mute: bool | None = None
+    self_deaf: bool | None = None
+    self_mute: bool | None = None
     self_stream: bool | None = None
-    self_video: bool
-    suppress: bool
-    request_to_speak_timestamp: datetime | None
+    self_video: bool | None = None
+    suppress: bool | None = None
+    request_to_speak_timestamp: datetime | None = None
 
 
 class ClientStatus(DiscordModel):
@@ -417,9 +419,11 @@ class Presence(DiscordModel):
 
 
 class Interaction(DiscordModel):
+    """An interaction: ``id``, ``application_id`` and ``token`` are what answering it needs."""
+
     id: Snowflake
     application_id: Snowflake
-    type: int
+    type: int | None = None
     data: JsonObject | None = None
     guild: JsonObject | None = None
     guild_id: Snowflake | None = None
@@ -429,24 +433,24 @@ class Interaction(DiscordModel):
     user: User | None = None
     # The continuation token answers the interaction for 15 minutes: keep it out of reprs.
     token: str = Field(repr=False)
-    version: int
+    version: int | None = None
     message: Message | None = None
-    app_permissions: str
+    app_permissions: str | None = None
     locale: str | None = None
     guild_locale: str | None = None
-    entitlements: list[JsonObject]
-    authorizing_integration_owners: dict[str, Snowflake]
+    entitlements: list[JsonObject] | None = None
+    authorizing_integration_owners: dict[str, Snowflake] | None = None
     context: int | None = None
-    attachment_size_limit: int
+    attachment_size_limit: int | None = None
 
 
 class ReadyApplication(DiscordModel):
     id: Snowflake
-    flags: int
+    flags: int | None = None
 
 
 class AutoModerationAction(DiscordModel):
-    type: int
+    type: int | None = None
     metadata: JsonObject | None = None
 
 
@@ -465,13 +469,15 @@ class GenericEvent(DiscordModel):
 
 
 class Ready(DiscordModel):
-    v: int
-    user: User
-    guilds: list[UnavailableGuild]
+    # The session reads READY from the raw payload; the model serves handlers and requires
+    # only what identifies the session.
     session_id: str
-    resume_gateway_url: str
+    v: int | None = None
+    user: User | None = None
+    guilds: list[UnavailableGuild] | None = None
+    resume_gateway_url: str | None = None
     shard: tuple[int, int] | None = None
-    application: ReadyApplication
+    application: ReadyApplication | None = None
 
 
 class Resumed(DiscordModel):
@@ -486,9 +492,10 @@ class Resumed(DiscordModel):
 
 
 class RateLimited(DiscordModel):
+    # Which command was refused and when to retry: without both the event says nothing.
     opcode: int
     retry_after: float
-    meta: RateLimitMetadata
+    meta: RateLimitMetadata | None = None
 
 
 class GuildCreate(UnavailableGuild):
@@ -558,11 +565,7 @@ class GuildMemberAdd(GuildMember):
 
 class GuildMemberUpdate(PartialGuildMember):
     guild_id: Snowflake
-    roles: list[Snowflake]
     user: User
-    avatar: str | None
-    banner: str | None
-    joined_at: datetime | None
 
 
 class GuildMemberRemove(DiscordModel):
@@ -572,9 +575,9 @@ class GuildMemberRemove(DiscordModel):
 
 class GuildMembersChunk(DiscordModel):
     guild_id: Snowflake
-    members: list[GuildMember]
-    chunk_index: int
-    chunk_count: int
+    members: list[GuildMember] | None = None
+    chunk_index: int | None = None
+    chunk_count: int | None = None
     # Echoes the ids we asked for, which need not be valid snowflakes.
     not_found: list[Any] | None = None
     presences: list[Presence] | None = None
@@ -608,7 +611,7 @@ class GuildBanRemove(DiscordModel):
 
 class GuildEmojisUpdate(DiscordModel):
     guild_id: Snowflake
-    emojis: list[Emoji]
+    emojis: list[Emoji] | None = None
 
 
 class ChannelCreate(Channel):
@@ -642,31 +645,34 @@ class ThreadDelete(DiscordModel):
 
     id: Snowflake
     guild_id: Snowflake
-    parent_id: Snowflake | None
-    type: int
+    parent_id: Snowflake | None = None
+    type: int | None = None
 
 
 class ThreadListSync(DiscordModel):
     guild_id: Snowflake
     channel_ids: list[Snowflake] | None = None
-    threads: list[Channel]
-    members: list[ThreadMember]
+    threads: list[Channel] | None = None
+    members: list[ThreadMember] | None = None
 
 
 class ThreadMembersUpdate(DiscordModel):
     id: Snowflake
     guild_id: Snowflake
-    member_count: int
+    member_count: int | None = None
     added_members: list[ThreadMember] | None = None
     removed_member_ids: list[Snowflake] | None = None
 
 
 class MessageCreate(Message):
-    pass
+    # Discord always sends the author of a new message, and handlers read it
+    # (``message.author.username``): it stays required here, unlike in MESSAGE_UPDATE.
+    author: User
 
 
 class MessageUpdate(Message):
-    """MESSAGE_UPDATE: since API v10 a full message object, like MESSAGE_CREATE."""
+    """MESSAGE_UPDATE: a full message object since API v10, but servers send partial ones
+    (no ``mentions``, a partial ``author``, or none): only ``id`` and ``channel_id`` are sure."""
 
 
 class MessageDelete(DiscordModel):
@@ -689,9 +695,10 @@ class MessageReactionAdd(DiscordModel):
     member: GuildMember | None = None
     emoji: Emoji
     message_author_id: Snowflake | None = None
-    burst: bool
+    # Newer fields (super reactions): absent on older servers and on Spacebar.
+    burst: bool | None = None
     burst_colors: list[str] | None = None
-    type: int
+    type: int | None = None
 
 
 class MessageReactionRemove(DiscordModel):
@@ -700,8 +707,8 @@ class MessageReactionRemove(DiscordModel):
     message_id: Snowflake
     guild_id: Snowflake | None = None
     emoji: Emoji
-    burst: bool
-    type: int
+    burst: bool | None = None
+    type: int | None = None
 
 
 class MessageReactionRemoveAll(DiscordModel):
@@ -747,7 +754,7 @@ class TypingStart(DiscordModel):
     guild_id: Snowflake | None = None
     user_id: Snowflake
     # Unix seconds, kept as Discord sends it.
-    timestamp: int
+    timestamp: int | None = None
     member: GuildMember | None = None
 
 
@@ -764,7 +771,7 @@ class VoiceServerUpdate(DiscordModel):
     token: str = Field(repr=False)
     guild_id: Snowflake
     # Null while Discord reallocates the voice server.
-    endpoint: str | None
+    endpoint: str | None = None
 
 
 class WebhooksUpdate(DiscordModel):
@@ -774,17 +781,17 @@ class WebhooksUpdate(DiscordModel):
 
 class AutoModerationActionExecution(DiscordModel):
     guild_id: Snowflake
-    action: AutoModerationAction
+    action: AutoModerationAction | None = None
     rule_id: Snowflake
-    rule_trigger_type: int
+    rule_trigger_type: int | None = None
     user_id: Snowflake
     channel_id: Snowflake | None = None
     message_id: Snowflake | None = None
     alert_system_message_id: Snowflake | None = None
     # Empty unless the MESSAGE_CONTENT intent is granted.
-    content: str
-    matched_keyword: str | None
-    matched_content: str | None
+    content: str | None = None
+    matched_keyword: str | None = None
+    matched_content: str | None = None
 
 
 # --------------------------------------------------------------------------- registry

@@ -22,6 +22,7 @@ from ingest.identify import (
     IdentifyScheduler,
     LocalIdentifyScheduler,
     RedisIdentifyScheduler,
+    session_budget_for,
 )
 from ingest.metrics import Metrics, redis_queue_depths, serve_metrics
 from ingest.pipeline import Pipeline
@@ -109,6 +110,12 @@ class GatewayProcess:
                 f"DISCORD_SHARD_IDS names shard {max(shard_ids)} but there are {shard_count} "
                 "shards: set DISCORD_SHARD_COUNT or fix DISCORD_SHARD_IDS"
             )
+        shared_budget = None
+        if start_limit is not None:
+            # Any Redis all processes reach will do, even with sessions kept in files.
+            urls = [u for u in (config.state_url, config.broker_url) if u and is_redis_url(u)]
+            redis_url = redis_py_url(urls[0]) if urls else None
+            shared_budget = session_budget_for(config.token, redis_url, shard_ids, shard_count)
 
         publisher = self._publisher or publisher_for(config.broker_url, app)
         await self._connect_publisher(publisher)
@@ -149,6 +156,7 @@ class GatewayProcess:
                 remaining=start_limit.remaining,
                 total=start_limit.total,
                 reset_after=start_limit.reset_after,
+                shared=shared_budget,
             )
         self.identify_scheduler = scheduler
         for shard_id in shard_ids:
