@@ -155,7 +155,7 @@ class EventDispatcher(EventTask):
                 if request.called_directly:
                     task(*args, **kwargs)
                 elif request.is_eager:
-                    self._apply_eagerly(task, request, args, kwargs)
+                    self._run_eagerly(task, handler, request, args, kwargs)
                 elif handler.inline:
                     self._run_inline(task, handler, request, args, kwargs)
             except Retry as exc:
@@ -177,19 +177,26 @@ class EventDispatcher(EventTask):
         if failures and (request.called_directly or request.is_eager):
             raise failures[0]
 
-    def _apply_eagerly(
-        self, task: EventTask, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    def _run_eagerly(
+        self,
+        task: EventTask,
+        handler: Handler,
+        request: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> None:
-        # Celery's own eager path, retries included; throw so the failure reaches us.
-        result = task.apply(
-            args,
-            kwargs,
-            task_id=handler_task_id(request.id, task.name),
-            headers=request.headers,
-            throw=True,
-        )
-        if result.failed():
-            raise result.result
+        # Eager: a retry is not sent but run here at once, as Celery's apply() would (which,
+        # with task_eager_propagates, raises Retry instead of retrying).
+        retries = 0
+        while True:
+            try:
+                self._run_inline(task, handler, request, args, kwargs, retries=retries)
+            except Retry as exc:
+                if exc.sig is None:
+                    raise
+                retries += 1
+            else:
+                return
 
     def _run_inline(
         self,
@@ -198,6 +205,7 @@ class EventDispatcher(EventTask):
         request: Any,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        retries: int = 0,
     ) -> None:
         # What a worker's tracer does before calling a task, with the request the handler's
         # own message would carry: its id, its queue for a retry, the event's headers.
@@ -209,8 +217,8 @@ class EventDispatcher(EventTask):
             "parent_id": request.id,
             "args": list(args),
             "kwargs": kwargs,
-            "retries": 0,
-            "is_eager": False,
+            "retries": retries,
+            "is_eager": bool(request.is_eager),
             "called_directly": False,
             "headers": request.headers,
             "hostname": request.hostname,
@@ -333,8 +341,9 @@ def current_event() -> EventContext:
     ``apply(headers=...)`` only in the latter, so read the headers dict, then the attribute.
     """
     task = current_task  # a proxy: falsy when no task runs
-    if not task or task.request.id is None:
+    if not task:
         raise RuntimeError("current_event() is only meaningful inside a running handler task")
+    # A handler called as a plain function (a unit test) gets its event and no metadata.
     request = task.request
     headers: dict[str, Any] = request.headers or {}
 
