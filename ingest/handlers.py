@@ -52,7 +52,11 @@ _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 
 @dataclass(frozen=True, slots=True)
 class EventContext:
-    """Where the running handler's event came from; None where the caller gave no metadata."""
+    """Where the running handler's event came from; None where the caller gave no metadata.
+
+    ``task_id`` is the handler's own task id: derived from the event's, so it is the same for
+    every delivery, retry and replay of this event to this handler (an idempotency key).
+    """
 
     event: str | None
     shard_id: int | None

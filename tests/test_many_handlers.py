@@ -102,9 +102,12 @@ def _assert_each_handler_ran_once_per_event(client: redis.Redis, prefix: str) ->
     flaky_ids = {ids[i] for i in range(EVENTS) if _content(i).startswith("flaky")}
     assert {i for i, n in attempts.items() if n == 2} == flaky_ids  # failed once, retried once
     assert {i for i, n in attempts.items() if n == 1} == set(ids) - flaky_ids
-    # The retry carried the event's headers: the handler saw the event's own sequence.
-    sequences = {int(k): int(v) for k, v in client.hgetall(f"{prefix}flaky:sequence").items()}
-    assert sequences == {ids[i]: i + 1 for i in range(EVENTS)}
+    # A retry, and the own-queue handler's message, carried the event's headers: each saw
+    # the event's own sequence.
+    for handler in ("flaky", "index"):
+        recorded = client.hgetall(f"{prefix}{handler}:sequence")
+        sequences = {int(k): int(v) for k, v in recorded.items()}
+        assert sequences == {ids[i]: i + 1 for i in range(EVENTS)}, handler
     notified = {int(m) for m in client.smembers(f"{prefix}notified")}
     assert notified == {ids[i] for i in range(EVENTS) if _content(i).startswith("notify")}
 
