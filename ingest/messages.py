@@ -258,11 +258,12 @@ class _Route:
 
     __slots__ = ("_argsrepr_head", "amqp", "event", "queue", "redis", "task_name")
 
-    def __init__(self, event: str) -> None:
+    def __init__(self, event: str, task_name: str | None = None, queue: str | None = None) -> None:
         route = route_for(event)
         self.event = event
-        self.task_name = route.task_name
-        self.queue = route.queue
+        # Another task name/queue: one handler's own message (``build_handler_message``).
+        self.task_name = task_name or route.task_name
+        self.queue = queue or route.queue
         # argsrepr ends up in worker logs and events; the payload itself would flood both.
         self._argsrepr_head = f"[<{event} "
         self.redis = self._redis_pieces()
@@ -368,6 +369,40 @@ def build_event_message(
         _shard_id=shard_id,
         _sequence=sequence,
         _session_id=session_id,
+    )
+
+
+_HANDLER_ROUTES: dict[tuple[str, str, str], _Route] = {}
+
+
+def handler_task_id(event_task_id: str, task_name: str) -> str:
+    """The task id of one handler's own message for the event whose task id is given.
+
+    Derived, not random: the gateway's copy, a worker's retry and a replay of the event all
+    carry the same id, so dedupe recognises them.
+    """
+    return _uuid5(f"{event_task_id}/{task_name}")
+
+
+def build_handler_message(message: TaskMessage, task_name: str, queue: str) -> TaskMessage:
+    """Event ``message`` again, for one handler's own task and queue (same body and headers)."""
+    route = message._route
+    if route is None:
+        raise TypeError("only an event's message has handler copies")
+    key = (route.event, task_name, queue)
+    handler_route = _HANDLER_ROUTES.get(key)
+    if handler_route is None:
+        handler_route = _HANDLER_ROUTES[key] = _Route(route.event, task_name, queue)
+    return TaskMessage(
+        task_name,
+        queue,
+        handler_task_id(message.task_id, task_name),
+        message.body,
+        None,
+        _route=handler_route,
+        _shard_id=message._shard_id,
+        _sequence=message._sequence,
+        _session_id=message._session_id,
     )
 
 

@@ -80,7 +80,8 @@ class GatewayProcess:
 
     async def run(self) -> None:
         config = self.config
-        from ingest.handlers import subscribed_events
+        from ingest.fanout import fan_out
+        from ingest.handlers import published_tasks, subscribed_events
 
         app = load_celery_app(config.celery_app)
         subscribed = frozenset(subscribed_events(app)) | config.extra_events
@@ -117,7 +118,9 @@ class GatewayProcess:
             redis_url = redis_py_url(urls[0]) if urls else None
             shared_budget = session_budget_for(config.token, redis_url, shard_ids, shard_count)
 
-        publisher = self._publisher or publisher_for(config.broker_url, app)
+        publisher = fan_out(
+            self._publisher or publisher_for(config.broker_url, app), published_tasks(app)
+        )
         await self._connect_publisher(publisher)
         if self._shutdown.is_set():
             log.info("stopped before the broker answered; nothing was received")

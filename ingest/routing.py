@@ -14,6 +14,8 @@ from ingest.models import DiscordModel, model_for
 TASK_PREFIX: Final = "discord."
 DEAD_LETTER_TASK: Final = "discord.invalid"
 DEAD_LETTER_QUEUE: Final = "discord.invalid"
+# Between an event's task name and a handler's ``module.qualname`` in the handler's task name.
+HANDLER_SEPARATOR: Final = ":"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,9 +33,21 @@ def route_for(event: str) -> Route:
     return Route(event=event, task_name=name, queue=name, model=model_for(event))
 
 
+def handler_task_name(event: str, handler: str) -> str:
+    """The task of one handler of ``event``: ``discord.MESSAGE_CREATE:tasks.greetings.greet``.
+
+    ``handler`` is the function's ``module.qualname``, so Flower, ``celery inspect`` and the
+    worker's logs name the handler that ran, failed or retried.
+    """
+    return f"{route_for(event).task_name}{HANDLER_SEPARATOR}{handler}"
+
+
 def event_of_task(task_name: str) -> str | None:
-    """``discord.MESSAGE_CREATE`` -> ``MESSAGE_CREATE``; None for other tasks."""
+    """``discord.MESSAGE_CREATE`` (or one of its handlers' tasks) -> ``MESSAGE_CREATE``.
+
+    None for other tasks.
+    """
     if task_name.startswith(TASK_PREFIX) and task_name != DEAD_LETTER_TASK:
-        event = task_name[len(TASK_PREFIX) :]
+        event = task_name[len(TASK_PREFIX) :].partition(HANDLER_SEPARATOR)[0]
         return event if event.isupper() or "_" in event else None
     return None

@@ -32,19 +32,61 @@ from ingest.handlers import (
     queues_for,
     subscribed_events,
 )
-from ingest.messages import build_event_message
+from ingest.messages import build_event_message, handler_task_id
 from ingest.models import GuildCreate, MessageCreate
 from ingest.pipeline import Pipeline
 from ingest.publish import EagerPublisher, RedisPublisher
 from ingest.testing import GatewaySimulator
 from ingest.testing.simulator import sample_guild_create, sample_message_create
-from tasks import app
-from tasks.guilds import count_guild
-from tasks.messages import log_message
 from tests.support import redis_url
 
 REDIS_DB = 6  # this file's own database on the shared Redis (see conftest)
 SESSION = "cafebabecafebabecafebabecafebabe"
+
+# The test's own Celery app and handlers (the bot's app is ``tasks.app``; yours would import
+# ``from tasks import app, on`` and your handler module instead). Give the app its broker up
+# front: Celery keeps the first connection pool it makes, even in eager mode, and the default
+# broker (amqp://localhost) would be the wrong one later.
+app = Celery("handlers_example", broker=redis_url(REDIS_DB), set_as_current=False)
+on = event_handler(app)
+log = logging.getLogger("tests.handlers_example")
+
+received: list[tuple[MessageCreate, EventContext]] = []
+arrived = threading.Event()
+joined: set[int] = set()
+
+
+@on("MESSAGE_CREATE")
+def log_message(message: MessageCreate) -> None:
+    event = current_event()
+    log.info(
+        "message %s in channel %s by %s (shard %s, seq %s)",
+        message.id,
+        message.channel_id,
+        message.author.username,
+        event.shard_id,
+        event.sequence,
+    )
+
+
+@on("MESSAGE_CREATE")
+def remember(message: MessageCreate) -> None:
+    received.append((message, current_event()))
+    arrived.set()
+
+
+@on("GUILD_CREATE")
+def count_guild(guild: GuildCreate) -> None:
+    if guild.unavailable:
+        return  # an outage notice, not a join
+    joined.add(guild.id)
+    log.info("guild %s joined (%s)", guild.id, guild.name)
+
+
+# Consume every handled event's queue (what tasks/__init__.py does for the bot's app).
+app.conf.task_queues = queues_for(app)
+# The event's own task: what the gateway publishes; it runs every handler of the event.
+message_create = app.tasks["discord.MESSAGE_CREATE"]
 
 
 # ------------------------------------------------------------------ 1. eager mode (no broker)
@@ -65,7 +107,7 @@ def test_log_message_logs_one_line_per_message(
     eager: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     payload = sample_message_create(1)  # the ``d`` of a MESSAGE_CREATE, as Discord sends it
-    with caplog.at_level(logging.INFO, logger="tasks.messages"):
+    with caplog.at_level(logging.INFO, logger=log.name):
         log_message.delay(payload)
     author = payload["author"]["username"]
     assert f"message {payload['id']} in channel {payload['channel_id']} by {author}" in caplog.text
@@ -77,7 +119,7 @@ def test_gateway_metadata_reaches_the_handler(
 ) -> None:
     # The gateway sends shard, sequence and session as message headers; pass them the same way.
     headers = {"discord_shard_id": 3, "discord_sequence": 42, "discord_session_id": SESSION}
-    with caplog.at_level(logging.INFO, logger="tasks.messages"):
+    with caplog.at_level(logging.INFO, logger=log.name):
         log_message.apply(args=[sample_message_create(2)], headers=headers)
     assert "(shard 3, seq 42)" in caplog.text
 
@@ -87,9 +129,10 @@ def test_a_model_instance_works_as_the_argument_too(
     eager: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     message = MessageCreate.model_validate(sample_message_create(3))
-    with caplog.at_level(logging.INFO, logger="tasks.messages"):
+    with caplog.at_level(logging.INFO, logger=log.name):
         log_message.apply(args=[message.model_dump(mode="json")])
-    assert f"message {message.id} " in caplog.text
+        log_message(message)  # or call it as the plain function it is: no Celery involved
+    assert caplog.text.count(f"message {message.id} ") == 2
 
 
 @pytest.mark.timeout(10)
@@ -101,34 +144,22 @@ def test_a_payload_that_is_not_a_message_is_refused(eager: None) -> None:
 @pytest.mark.timeout(10)
 def test_guild_joins_are_counted(eager: None, caplog: pytest.LogCaptureFixture) -> None:
     guild = sample_guild_create(90, size_kb=2)
-    with caplog.at_level(logging.INFO, logger="tasks.guilds"):
+    with caplog.at_level(logging.INFO, logger=log.name):
         count_guild.delay(guild)
         count_guild.delay({"id": guild["id"], "unavailable": True})  # an outage, not a join
     assert caplog.text.count(f"guild {guild['id']} joined ({guild['name']})") == 1
 
 
-# A handler of your own, recording what it got, so a test can look at the model itself. Give
-# the app its broker up front: Celery keeps the first connection pool it makes, even in eager
-# mode, and the default broker (amqp://localhost) would be the wrong one later.
-recording_app = Celery("recording", broker=redis_url(REDIS_DB), set_as_current=False)
-on = event_handler(recording_app)
-received: list[tuple[MessageCreate, EventContext]] = []
-arrived = threading.Event()
-
-
-@on("MESSAGE_CREATE")
-def remember(message: MessageCreate) -> None:
-    received.append((message, current_event()))
-    arrived.set()
-
-
-@on("GUILD_CREATE")
-def remember_guild(guild: GuildCreate) -> None:
-    pass
-
-
-# Consume every handled event's queue (what tasks/__init__.py does for the bot's app).
-recording_app.conf.task_queues = queues_for(recording_app)
+@pytest.mark.timeout(10)
+def test_the_event_task_runs_every_handler_of_the_event(
+    eager: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    received.clear()
+    payload = sample_message_create(8)
+    with caplog.at_level(logging.INFO, logger=log.name):
+        message_create.delay(payload)
+    assert f"message {payload['id']} " in caplog.text
+    assert [model.id for model, _ in received] == [int(payload["id"])]
 
 
 @pytest.fixture
@@ -136,14 +167,14 @@ def recorder() -> Iterator[list[tuple[MessageCreate, EventContext]]]:
     received.clear()
     arrived.clear()
     yield received
-    recording_app.conf.task_always_eager = False
+    app.conf.task_always_eager = False
 
 
 @pytest.mark.timeout(10)
 def test_the_handler_gets_a_validated_model_not_a_dict(
     recorder: list[tuple[MessageCreate, EventContext]],
 ) -> None:
-    recording_app.conf.task_always_eager = True
+    app.conf.task_always_eager = True
     payload = sample_message_create(4)
     remember.delay(payload)
     [(message, context)] = recorder
@@ -164,8 +195,8 @@ def test_simulator_gateway_and_handler_in_one_process(
     async def scenario() -> None:
         async with GatewaySimulator() as sim:
             pipeline = Pipeline(
-                EagerPublisher(recording_app, propagate=True),
-                subscribed=subscribed_events(recording_app),
+                EagerPublisher(app, propagate=True),
+                subscribed=subscribed_events(app),
             )
             gateway = Gateway("sim-token", gateway_url=sim.url, on_dispatch=pipeline.accept)
             pipeline.attach(gateway)
@@ -193,10 +224,12 @@ def test_a_gateway_message_runs_the_handler_inline_with_the_eager_publisher(
     message = build_event_message(
         "MESSAGE_CREATE", orjson.dumps(payload), shard_id=1, sequence=9, session_id=SESSION
     )
-    asyncio.run(EagerPublisher(recording_app, propagate=True).publish([message]))
+    asyncio.run(EagerPublisher(app, propagate=True).publish([message]))
     [(model, context)] = recorder
     assert model.id == int(payload["id"])
-    assert context == EventContext("MESSAGE_CREATE", 1, 9, SESSION, message.task_id)
+    # task_id is the handler's own: derived from the event's, the same for a replay of it.
+    own_id = handler_task_id(message.task_id, remember.name)
+    assert context == EventContext("MESSAGE_CREATE", 1, 9, SESSION, own_id)
 
 
 # ------------------------------------------------------------------ 2. a real worker
@@ -205,10 +238,10 @@ def test_a_gateway_message_runs_the_handler_inline_with_the_eager_publisher(
 @pytest.fixture
 def worker(redis_server: str, recorder: list[tuple[MessageCreate, EventContext]]) -> Iterator[str]:
     """A real worker in a thread, consuming every handled event's queue on a real Redis."""
-    url = recording_app.conf.broker_url
+    url = app.conf.broker_url
     client = redis.Redis.from_url(url)
     client.flushdb()
-    with start_worker(recording_app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
+    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
         yield url
     client.flushdb()
     client.close()
@@ -234,7 +267,8 @@ def test_a_real_worker_runs_what_the_gateway_publishes(
     [(model, context)] = recorder
     assert isinstance(model, MessageCreate)
     assert model.id == int(payload["id"])
-    assert context == EventContext("MESSAGE_CREATE", 2, 1234, SESSION, message.task_id)
+    own_id = handler_task_id(message.task_id, remember.name)
+    assert context == EventContext("MESSAGE_CREATE", 2, 1234, SESSION, own_id)
 
 
 @pytest.mark.redis
@@ -254,16 +288,17 @@ def test_delay_routes_a_handler_to_its_event_queue(
 
 
 def test_subscribed_events_and_queues_come_from_the_registered_handlers() -> None:
-    assert subscribed_events(app) >= {"MESSAGE_CREATE", "GUILD_CREATE"}
-    assert subscribed_events(recording_app) == {"MESSAGE_CREATE", "GUILD_CREATE"}
-    assert [q.name for q in queues_for(recording_app)] == [
+    assert subscribed_events(app) == {"MESSAGE_CREATE", "GUILD_CREATE"}
+    assert [q.name for q in queues_for(app)] == [
         "discord.GUILD_CREATE",
         "discord.MESSAGE_CREATE",
         "discord.invalid",
+        "celery",  # Celery's default queue: plain @app.task functions
     ]
-    task = recording_app.tasks["discord.MESSAGE_CREATE"]
-    assert isinstance(task, EventTask)
-    assert task.acks_late and task.reject_on_worker_lost
+    assert remember.name == "discord.MESSAGE_CREATE:tests.test_handlers.remember"
+    for task in (message_create, remember):
+        assert isinstance(task, EventTask)
+        assert task.acks_late and task.reject_on_worker_lost
 
 
 @pytest.mark.redis
@@ -289,14 +324,15 @@ def test_dedupe_runs_a_replayed_task_id_once(
         for i, p in enumerate(payloads)
     )
     client = redis.Redis.from_url(url)
-    client.delete(*(f"ingest:dedupe:{m.task_id}" for m in (first, second)))
+    keys = [f"ingest:dedupe:{handler_task_id(m.task_id, handle.name)}" for m in (first, second)]
+    client.delete(*keys)
     before = EventTask.duplicates_suppressed
     try:
         with caplog.at_level(logging.INFO, logger="ingest.handlers"):
             # A resumed session replays ``first``: same session, shard, sequence, so same id.
             asyncio.run(EagerPublisher(dedupe_app).publish([first, first, second, first]))
     finally:
-        client.delete(*(f"ingest:dedupe:{m.task_id}" for m in (first, second)))
+        client.delete(*keys)
         client.close()
     assert ran == [int(payloads[0]["id"]), int(payloads[1]["id"])]
     assert EventTask.duplicates_suppressed - before == 2
