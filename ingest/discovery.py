@@ -1,6 +1,7 @@
 """The two REST calls the gateway needs: ``GET /gateway/bot`` and ``GET /users/@me``.
 
-Standard library only, run in a thread: it happens once per process start.
+Standard library only, run in a thread: it happens once per process start. Handlers call
+Discord through ``ingest.rest`` (shared rate limits) instead.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ingest.errors import FatalGatewayError, IngestError
+from ingest.errors import FatalGatewayError, RestError
 
 DEFAULT_API_URL: Final = "https://discord.com/api/v10"
 
@@ -32,10 +33,6 @@ class GatewayBot:
     session_start_limit: SessionStartLimit
 
 
-class RestError(IngestError):
-    pass
-
-
 def _get(api_url: str, path: str, token: str, timeout: float) -> Any:
     request = urllib.request.Request(
         api_url.rstrip("/") + path,
@@ -53,7 +50,7 @@ def _get(api_url: str, path: str, token: str, timeout: float) -> Any:
                 "Discord rejected the token (401): set DISCORD_TOKEN to the bot token from "
                 "the Developer Portal (Bot > Reset Token)"
             ) from None
-        raise RestError(f"GET {path} failed with HTTP {exc.code}") from None
+        raise RestError(f"GET {path} failed with HTTP {exc.code}", status=exc.code) from None
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         raise RestError(f"GET {path} failed: {exc}") from None
 
