@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -146,6 +147,29 @@ def test_sync_and_async_clients_share_one_bucket_without_a_429(
 
     assert statuses(sim) == [200] * 7
     assert 1.9 <= elapsed < 4.0  # three windows: 3 + 3 + 1
+
+
+def test_a_global_429_holds_back_every_process_of_the_bot(
+    sim: SimulatorThread, state_url: str
+) -> None:
+    # Discord allows 1/s here while the clients believe 50/s: only the 429 can teach them.
+    sim.read(lambda s: setattr(s.rest, "global_limit", 1))
+    namespace = uuid.uuid4().hex
+    first, second = (client(sim, state_url, namespace=namespace) for _ in range(2))
+    first.send_message(CHANNEL, "takes the only slot")
+    retried = threading.Thread(target=first.send_message, args=(CHANNEL + 1, "429, then retried"))
+    retried.start()
+    sim.wait_until(lambda: any(r.status == 429 for r in sim.sim.rest.log))
+    second.send_message(CHANNEL + 2, "must wait for the global window")
+    retried.join(10)
+
+    log = sim.read(lambda s: list(s.rest.log))
+    limited = [r for r in log if r.status == 429]
+    assert limited[0].scope == "global"
+    window_opens = log[0].at + 1.0
+    from_second = next(r for r in log if r.major == str(CHANNEL + 2))
+    assert from_second.at >= window_opens - 0.01  # held back, not sent into the 429
+    assert sum(r.status == 200 for r in log) == 3
 
 
 def test_a_route_whose_bucket_is_unknown_admits_one_request_at_a_time(
