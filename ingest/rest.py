@@ -37,7 +37,7 @@ from ingest.ratelimit import (
     WaitObserver,
 )
 
-__all__ = ["AsyncRest", "Rest", "RestMetrics", "rest_metrics"]
+__all__ = ["AsyncRest", "Rest", "RestMetrics", "rest_client", "rest_metrics"]
 
 log = logging.getLogger("ingest.rest")
 
@@ -568,3 +568,18 @@ class AsyncRest:
             interaction_token=interaction.token,
             json={"type": kind, "data": data} if data else {"type": kind},
         )
+
+
+_process_client: tuple[int, Rest] | None = None
+
+
+def rest_client() -> Rest:
+    """This process's ``Rest.from_env()``, made on first use.
+
+    A handler calls this rather than building a client at import: a prefork worker forks after
+    importing the tasks, and a child must not share its parent's sockets.
+    """
+    global _process_client
+    if _process_client is None or _process_client[0] != os.getpid():
+        _process_client = (os.getpid(), Rest.from_env())
+    return _process_client[1]
