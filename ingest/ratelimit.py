@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -32,6 +34,8 @@ DEFAULT_GLOBAL_WINDOW: Final = 1.05
 DEFAULT_INVALID_LIMIT: Final = 8000
 # An unknown route admits one request at a time; a holder that dies frees it after this.
 UNKNOWN_ROUTE_LOCK: Final = 10.0
+# While on the local fallback, how often to ask Redis again.
+REDIS_RETRY_INTERVAL: Final = 5.0
 # How often a request waiting behind an unknown route's first request asks again.
 UNKNOWN_ROUTE_POLL: Final = 0.01
 # Route parameters that set Discord's bucket apart ("major parameters").
@@ -368,6 +372,107 @@ def _unavailable(exc: Exception) -> RateLimiterUnavailable:
     )
 
 
+class LocalState:
+    """The two scripts over in-process state: the opt-in fallback while Redis is unreachable.
+
+    Same arguments, same replies, so ``LimiterCore`` reads both alike. It limits this process
+    only: several processes on the fallback at once may together exceed Discord's limits.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.unauthorized_until = 0
+        self.global_until = 0
+        self.invalid: dict[int, int] = {}  # minute -> count
+        self.routes: dict[str, str] = {}
+        self.limits: dict[str, tuple[int, int]] = {}  # bucket -> (limit, period ms)
+        self.buckets: dict[str, list[int]] = {}  # bucket|major -> [limit, remaining, reset, period]
+        self.global_log: deque[int] = deque()
+        self.locks: dict[str, tuple[str, int]] = {}  # route|major -> (request id, expiry)
+
+    def _invalid_total(self, now: int) -> int:
+        minute = now // 60000
+        return sum(self.invalid.get(minute - i, 0) for i in range(10))
+
+    def admit(self, args: list[str | int]) -> list[Any]:
+        _, route, major, exempt, global_limit, window, invalid_limit, request_id, lock_ms = args
+        with self._lock:
+            now = round(time.monotonic() * 1000)
+            if self.unauthorized_until > now:
+                return [2]
+            if int(invalid_limit) > 0 and self._invalid_total(now) >= int(invalid_limit):
+                return [3, self._invalid_total(now)]
+            if not int(exempt) and self.global_until > now:
+                return [1, self.global_until - now, "global"]
+            lock_key = f"{route}|{major}"
+            bucket = self.routes.get(str(route))
+            unknown = bucket is None
+            state: list[int] | None = None
+            fresh = 0
+            if bucket is None:
+                bucket = ""
+                held = self.locks.get(lock_key)
+                if held is not None and held[1] > now:
+                    return [1, 0, "unknown"]
+            elif bucket:
+                state = self.buckets.get(f"{bucket}|{major}")
+                if state is None:
+                    limit, period = self.limits.get(bucket, (1, 1000))
+                    state = [limit, limit, 0, period]
+                if now >= state[2]:
+                    state[1], state[2], fresh = state[0], now + state[3], 1
+                if state[1] <= 0:
+                    return [1, state[2] - now, "bucket"]
+            if not int(exempt):
+                while self.global_log and self.global_log[0] <= now - int(window):
+                    self.global_log.popleft()
+                if len(self.global_log) >= int(global_limit):
+                    return [1, max(1, self.global_log[0] + int(window) - now), "global"]
+                self.global_log.append(now)
+            if state is not None:
+                state[1] -= 1
+                self.buckets[f"{bucket}|{major}"] = state
+            if unknown:
+                self.locks[lock_key] = (str(request_id), now + int(lock_ms))
+            return [0, int(unknown), bucket, state[0] if state else 0, fresh]
+
+    def learn(self, args: list[str | int]) -> int:
+        (_, route, major, request_id, locked, bucket, limit, remaining, reset_after, status,
+         scope, retry_ms, invalid) = args  # fmt: skip
+        with self._lock:
+            now = round(time.monotonic() * 1000)
+            key = f"{bucket}|{major}"
+            if bucket:
+                self.routes[str(route)] = str(bucket)
+                if int(limit) > 0 and int(reset_after) >= 0:
+                    period = max(self.limits.get(str(bucket), (0, 0))[1], int(reset_after))
+                    self.limits[str(bucket)] = (int(limit), period)
+                    reset_at = now + int(reset_after)
+                    state = self.buckets.get(key)
+                    if state is None:
+                        state = [int(limit), int(remaining), reset_at, period]
+                    elif reset_at > state[2] - SAME_WINDOW_MS:
+                        state = [int(limit), min(state[1], int(remaining)),
+                                 max(state[2], reset_at), period]  # fmt: skip
+                    self.buckets[key] = state
+            elif int(status) < 400 and int(locked):
+                self.routes[str(route)] = ""
+            if int(status) == 429:
+                until = now + max(1, int(retry_ms))
+                if scope == "global":
+                    self.global_until = max(self.global_until, until)
+                elif key in self.buckets:
+                    self.buckets[key][1] = 0
+                    self.buckets[key][2] = max(self.buckets[key][2], until)
+            if int(status) == 401:
+                self.unauthorized_until = now + 600_000
+            if int(invalid):
+                self.invalid[now // 60000] = self.invalid.get(now // 60000, 0) + 1
+            if int(locked) and self.locks.get(f"{route}|{major}", ("", 0))[0] == request_id:
+                del self.locks[f"{route}|{major}"]
+            return self._invalid_total(now)
+
+
 class WaitObserver:
     """Receives how long each request waited for the limiter (the metrics implement it)."""
 
@@ -378,14 +483,53 @@ class WaitObserver:
         pass
 
 
-class RateLimiter:
-    """The limiter for a synchronous client (a prefork or threads Celery worker)."""
+class _Shell:
+    """What both shells share: the opt-in local fallback while Redis does not answer."""
 
     def __init__(
-        self, client: redis.Redis, core: LimiterCore, observer: WaitObserver | None = None
+        self, core: LimiterCore, observer: WaitObserver | None, fallback: LocalState | None
     ) -> None:
         self.core = core
         self.observer = observer or WaitObserver()
+        self.fallback = fallback
+        self._on_fallback = False
+        self._retry_redis_at = 0.0
+
+    def _skip_redis(self) -> LocalState | None:
+        """The fallback while on it, asking Redis again only every few seconds (not per call)."""
+        if self._on_fallback and time.monotonic() < self._retry_redis_at:
+            return self.fallback
+        return None
+
+    def _fallback(self, exc: Exception) -> LocalState:
+        if self.fallback is None:
+            raise _unavailable(exc) from None
+        self._retry_redis_at = time.monotonic() + REDIS_RETRY_INTERVAL
+        if not self._on_fallback:
+            self._on_fallback = True
+            log.warning(
+                "Redis unreachable (%s): limiting this process alone until it answers",
+                type(exc).__name__,
+            )
+        return self.fallback
+
+    def _redis_answered(self, local: LocalState | None) -> None:
+        if self._on_fallback and local is None:
+            self._on_fallback = False
+            log.info("Redis answers again: the bot-wide rate limits are back")
+
+
+class RateLimiter(_Shell):
+    """The limiter for a synchronous client (a prefork or threads Celery worker)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        core: LimiterCore,
+        observer: WaitObserver | None = None,
+        fallback: LocalState | None = None,
+    ) -> None:
+        super().__init__(core, observer, fallback)
         self._admit = client.register_script(_ADMIT)
         self._learn = client.register_script(_LEARN)
 
@@ -395,10 +539,13 @@ class RateLimiter:
         args = self.core.admit_args(key, request_id)
         started = time.monotonic()
         while True:
+            local = self._skip_redis()
             try:
-                reply = self._admit(args=args)
+                reply = local.admit(args) if local else self._admit(args=args)
             except redis.RedisError as exc:
-                raise _unavailable(exc) from None
+                reply = self._fallback(exc).admit(args)
+            else:
+                self._redis_answered(local)
             outcome = self.core.admitted(key, request_id, reply)
             if isinstance(outcome, Permit):
                 self.observer.limiter_waited(time.monotonic() - started)
@@ -409,15 +556,16 @@ class RateLimiter:
         args = self.core.learn_args(permit, limits)
         if args is None:
             return
+        local = self._skip_redis()
         try:
-            invalid = int(self._learn(args=args))
+            invalid = local.learn(args) if local else int(self._learn(args=args))
         except redis.RedisError as exc:
-            raise _unavailable(exc) from None
+            invalid = self._fallback(exc).learn(args)
         self.core.invalid_count = invalid
         self.observer.invalid_requests(invalid)
 
 
-class AsyncRateLimiter:
+class AsyncRateLimiter(_Shell):
     """The same limiter for asyncio code (the gateway, async handlers)."""
 
     def __init__(
@@ -425,9 +573,9 @@ class AsyncRateLimiter:
         client: redis.asyncio.Redis,
         core: LimiterCore,
         observer: WaitObserver | None = None,
+        fallback: LocalState | None = None,
     ) -> None:
-        self.core = core
-        self.observer = observer or WaitObserver()
+        super().__init__(core, observer, fallback)
         self._admit = client.register_script(_ADMIT)
         self._learn = client.register_script(_LEARN)
 
@@ -436,10 +584,13 @@ class AsyncRateLimiter:
         args = self.core.admit_args(key, request_id)
         started = time.monotonic()
         while True:
+            local = self._skip_redis()
             try:
-                reply = await self._admit(args=args)
+                reply = local.admit(args) if local else await self._admit(args=args)
             except redis.RedisError as exc:
-                raise _unavailable(exc) from None
+                reply = self._fallback(exc).admit(args)
+            else:
+                self._redis_answered(local)
             outcome = self.core.admitted(key, request_id, reply)
             if isinstance(outcome, Permit):
                 self.observer.limiter_waited(time.monotonic() - started)
@@ -450,9 +601,10 @@ class AsyncRateLimiter:
         args = self.core.learn_args(permit, limits)
         if args is None:
             return
+        local = self._skip_redis()
         try:
-            invalid = int(await self._learn(args=args))
+            invalid = local.learn(args) if local else int(await self._learn(args=args))
         except redis.RedisError as exc:
-            raise _unavailable(exc) from None
+            invalid = self._fallback(exc).learn(args)
         self.core.invalid_count = invalid
         self.observer.invalid_requests(invalid)

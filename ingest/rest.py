@@ -31,6 +31,7 @@ from ingest.ratelimit import (
     AsyncRateLimiter,
     LimiterCore,
     Limits,
+    LocalState,
     Permit,
     RateLimiter,
     RouteKey,
@@ -47,6 +48,8 @@ MAX_RATE_LIMITED_RETRIES: Final = 3
 MAX_SERVER_ERROR_RETRIES: Final = 3
 BACKOFF_BASE: Final = 0.5
 BACKOFF_CAP: Final = 8.0
+# The limiter's Redis answers in a millisecond; seconds of silence mean it is gone.
+REDIS_TIMEOUT: Final = 2.0
 # Interaction callback types (Discord's InteractionCallbackType).
 CHANNEL_MESSAGE_WITH_SOURCE: Final = 4
 DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE: Final = 5
@@ -132,6 +135,8 @@ class Settings:
     state_url: str
     global_limit: int = DEFAULT_GLOBAL_LIMIT
     invalid_limit: int = DEFAULT_INVALID_LIMIT
+    # Off by default: limiting each process alone can exceed the bot's limits N times over.
+    local_fallback: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -153,6 +158,8 @@ class Settings:
             state_url=redis_py_url(state_url),
             global_limit=_positive(env, "DISCORD_REST_GLOBAL_LIMIT", DEFAULT_GLOBAL_LIMIT),
             invalid_limit=_positive(env, "DISCORD_REST_INVALID_LIMIT", DEFAULT_INVALID_LIMIT),
+            local_fallback=env.get("DISCORD_REST_LOCAL_FALLBACK", "").strip().lower()
+            in ("1", "true", "yes"),
         )
 
 
@@ -294,7 +301,9 @@ class Rest:
         self.api_url = settings.api_url.rstrip("/")
         if limiter is None:
             client = redis.Redis.from_url(
-                settings.state_url, socket_timeout=timeout, socket_connect_timeout=timeout
+                settings.state_url,
+                socket_timeout=REDIS_TIMEOUT,
+                socket_connect_timeout=REDIS_TIMEOUT,
             )
             core = LimiterCore(
                 settings.token,
@@ -302,7 +311,8 @@ class Rest:
                 invalid_limit=settings.invalid_limit,
                 namespace=namespace,
             )
-            limiter = RateLimiter(client, core, rest_metrics)
+            fallback = LocalState() if settings.local_fallback else None
+            limiter = RateLimiter(client, core, rest_metrics, fallback)
         self.limiter = limiter
         self._http = httpx.Client(
             base_url=self.api_url, headers=_headers(settings.token), timeout=timeout
@@ -446,7 +456,9 @@ class AsyncRest:
         self.api_url = settings.api_url.rstrip("/")
         if limiter is None:
             client = redis.asyncio.Redis.from_url(
-                settings.state_url, socket_timeout=timeout, socket_connect_timeout=timeout
+                settings.state_url,
+                socket_timeout=REDIS_TIMEOUT,
+                socket_connect_timeout=REDIS_TIMEOUT,
             )
             core = LimiterCore(
                 settings.token,
@@ -454,7 +466,8 @@ class AsyncRest:
                 invalid_limit=settings.invalid_limit,
                 namespace=namespace,
             )
-            limiter = AsyncRateLimiter(client, core, rest_metrics)
+            fallback = LocalState() if settings.local_fallback else None
+            limiter = AsyncRateLimiter(client, core, rest_metrics, fallback)
         self.limiter = limiter
         self._http = httpx.AsyncClient(
             base_url=self.api_url, headers=_headers(settings.token), timeout=timeout

@@ -250,14 +250,35 @@ def test_invalid_request_guard_stops_a_loop_of_403s_before_the_threshold(
     assert statuses(sim) == [403] * 10
 
 
-def test_redis_unreachable_fails_clearly_and_sends_nothing(sim: SimulatorThread) -> None:
+def closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]  # nothing listens here once closed
-    rest = client(sim, f"redis://127.0.0.1:{port}/0")
+        port: int = probe.getsockname()[1]  # nothing listens here once closed
+    return port
+
+
+def test_redis_unreachable_fails_clearly_and_sends_nothing(sim: SimulatorThread) -> None:
+    rest = client(sim, f"redis://127.0.0.1:{closed_port()}/0")
     with pytest.raises(RateLimiterUnavailable, match="unreachable"):
         rest.send_message(CHANNEL, "unlimited is not an option")
     assert statuses(sim) == []
+
+
+def test_opt_in_local_fallback_keeps_limits_in_process_while_redis_is_down(
+    sim: SimulatorThread,
+) -> None:
+    sim.read(lambda s: s.rest.configure(message_limit=3, message_period=1.0))
+    rest = client(sim, f"redis://127.0.0.1:{closed_port()}/0", local_fallback=True)
+    started = time.monotonic()
+
+    async def burst() -> None:
+        await asyncio.gather(
+            *(asyncio.to_thread(rest.send_message, CHANNEL, "x") for _ in range(7))
+        )
+
+    asyncio.run(burst())
+    assert statuses(sim) == [200] * 7
+    assert time.monotonic() - started >= 1.9  # three windows: 3 + 3 + 1
 
 
 def test_a_post_is_not_retried_after_a_5xx_unless_the_caller_asks(
