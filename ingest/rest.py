@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -55,6 +56,21 @@ CHANNEL_MESSAGE_WITH_SOURCE: Final = 4
 DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE: Final = 5
 EPHEMERAL: Final = 1 << 6
 WAIT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
+# Webhook and interaction tokens travel in the URL path, which httpx logs at INFO.
+_TOKEN_IN_PATH: Final = re.compile(r"(/(?:webhooks|interactions)/\d+/)[^/?\s\"]+")
+
+
+class _RedactTokens(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _TOKEN_IN_PATH.sub(r"\1***", str(arg)) if isinstance(arg, httpx.URL) else arg
+                for arg in record.args
+            )
+        return True
+
+
+logging.getLogger("httpx").addFilter(_RedactTokens())
 
 
 class RestMetrics(WaitObserver):

@@ -6,6 +6,7 @@ Each test keys its limits under a fresh namespace in Redis db 15, so tests never
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -19,7 +20,7 @@ import ingest.rest
 from ingest.errors import ConfigError, InvalidRequestLimit, RateLimiterUnavailable, RestError
 from ingest.models import Interaction, Message
 from ingest.ratelimit import Limits, RouteKey
-from ingest.rest import AsyncRest, Rest, Settings
+from ingest.rest import AsyncRest, Rest, RestMetrics, Settings, rest_metrics
 from ingest.testing import GatewaySimulator, SimulatorThread
 from ingest.testing.simulator import sample_message_create
 from tests.test_simulator import ready_session, recv_json
@@ -89,15 +90,16 @@ def test_send_message_reply_and_reaction_return_discords_objects(
 
 
 def test_interaction_callbacks_are_typed_and_exempt_from_the_global_limit(
-    sim: SimulatorThread, state_url: str
+    sim: SimulatorThread, state_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A bot over its global limit must still answer interactions within 3 seconds.
     rest = client(sim, state_url, global_limit=1)
     rest.send_message(CHANNEL, "uses the whole global budget")
     started = time.monotonic()
-    rest.defer(interaction(1), ephemeral=True)
-    rest.respond(interaction(2), "pong")
-    follow = rest.follow_up(interaction(1), "done")
+    with caplog.at_level(logging.INFO, logger="httpx"):
+        rest.defer(interaction(1), ephemeral=True)
+        rest.respond(interaction(2), "pong")
+        follow = rest.follow_up(interaction(1), "done")
 
     assert time.monotonic() - started < 0.9  # no wait for the global window
     callbacks = sim.read(lambda s: [(c["id"], c["body"]) for c in s.rest.callbacks])
@@ -106,6 +108,8 @@ def test_interaction_callbacks_are_typed_and_exempt_from_the_global_limit(
         ("1190000000000000002", {"type": 4, "data": {"content": "pong"}}),
     ]
     assert isinstance(follow, Message) and follow.content == "done"
+    assert "/webhooks/1100000000000000001/***" in caplog.text  # httpx logs the URL...
+    assert "interaction-token" not in caplog.text  # ...but never the token in it
 
 
 def test_message_created_through_rest_comes_back_as_message_create_from_the_bot(
@@ -183,6 +187,7 @@ def test_a_global_429_holds_back_every_process_of_the_bot(
     sim.read(lambda s: setattr(s.rest, "global_limit", 1))
     namespace = uuid.uuid4().hex
     first, second = (client(sim, state_url, namespace=namespace) for _ in range(2))
+    limited_before = rest_metrics.rate_limited["global"]
     first.send_message(CHANNEL, "takes the only slot")
     retried = threading.Thread(target=first.send_message, args=(CHANNEL + 1, "429, then retried"))
     retried.start()
@@ -197,6 +202,7 @@ def test_a_global_429_holds_back_every_process_of_the_bot(
     from_second = next(r for r in log if r.major == str(CHANNEL + 2))
     assert from_second.at >= window_opens - 0.01  # held back, not sent into the 429
     assert sum(r.status == 200 for r in log) == 3
+    assert rest_metrics.rate_limited["global"] - limited_before == len(limited)
 
 
 def test_a_route_whose_bucket_is_unknown_admits_one_request_at_a_time(
@@ -331,6 +337,27 @@ def test_buckets_are_keyed_by_major_parameter_and_tokens_never_enter_redis() -> 
     assert one.route == two.route and one.major != two.major
     assert hook.exempt and not one.exempt
     assert "secret-token" not in hook.major
+
+
+def test_metrics_scrape_requests_429s_invalid_count_and_limiter_wait() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    metrics = RestMetrics()
+    metrics.request("POST /channels/{channel_id}/messages", 200)
+    metrics.limited("user")
+    metrics.invalid_requests(7)
+    metrics.limiter_waited(0.003)
+    registry = CollectorRegistry()
+    registry.register(metrics)  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+
+    assert (
+        'discord_ingest_rest_requests_total{route="POST /channels/{channel_id}/messages",'
+        'status="200"} 1.0' in text
+    )
+    assert 'discord_ingest_rest_rate_limited_total{scope="user"} 1.0' in text
+    assert "discord_ingest_rest_invalid_requests 7.0" in text
+    assert 'discord_ingest_rest_limiter_wait_seconds_bucket{le="0.005"} 1.0' in text
 
 
 def test_from_env_reads_token_and_limits_and_refuses_bad_values() -> None:
