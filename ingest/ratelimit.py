@@ -230,7 +230,7 @@ if bucket ~= '' then
       'reset_at', have_reset, 'period', period)
     redis.call('PEXPIRE', bkey, have_reset - now + 60000)
   end
-elseif status < 400 and ARGV[5] == '1' then
+elseif status >= 200 and status < 400 and ARGV[5] == '1' then
   -- A success without bucket headers: the route has no limit of its own.
   redis.call('HSET', p .. 'routes', route, '')
 end
@@ -455,7 +455,7 @@ class LocalState:
                         state = [int(limit), min(state[1], int(remaining)),
                                  max(state[2], reset_at), period]  # fmt: skip
                     self.buckets[key] = state
-            elif int(status) < 400 and int(locked):
+            elif 200 <= int(status) < 400 and int(locked):
                 self.routes[str(route)] = ""
             if int(status) == 429:
                 until = now + max(1, int(retry_ms))

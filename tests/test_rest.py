@@ -19,7 +19,7 @@ import pytest
 import ingest.rest
 from ingest.errors import ConfigError, InvalidRequestLimit, RateLimiterUnavailable, RestError
 from ingest.models import Interaction, Message
-from ingest.ratelimit import Limits, RouteKey
+from ingest.ratelimit import LimiterCore, Limits, RateLimiter, RouteKey
 from ingest.rest import AsyncRest, Rest, RestMetrics, Settings, rest_metrics
 from ingest.testing import GatewaySimulator, SimulatorThread
 from ingest.testing.simulator import sample_message_create
@@ -219,6 +219,18 @@ def test_a_route_whose_bucket_is_unknown_admits_one_request_at_a_time(
     asyncio.run(burst())
     # Without the lock, all six would fly before any bucket header came back: four 429s.
     assert statuses(sim) == [200] * 6
+
+
+def test_a_lost_first_request_leaves_the_route_unknown_not_unlimited(state_url: str) -> None:
+    import redis
+
+    limiter = RateLimiter(
+        redis.Redis.from_url(state_url), LimiterCore(TOKEN, namespace=uuid.uuid4().hex)
+    )
+    key = RouteKey.of("POST", "/channels/{channel_id}/messages", {"channel_id": 1})
+    first = limiter.admit(key)
+    limiter.learn(first, None)  # the connection failed: no headers came back
+    assert first.locked and limiter.admit(key).locked
 
 
 def test_wrong_token_raises_401_after_at_most_two_requests_across_processes(
