@@ -360,7 +360,7 @@ def test_metrics_scrape_requests_429s_invalid_count_and_limiter_wait() -> None:
     metrics.invalid_requests(7)
     metrics.limiter_waited(0.003)
     registry = CollectorRegistry()
-    registry.register(metrics)  # type: ignore[arg-type]
+    registry.register(metrics)
     text = generate_latest(registry).decode()
 
     assert (
