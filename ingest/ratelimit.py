@@ -560,6 +560,11 @@ class RateLimiter(_Shell):
         try:
             invalid = local.learn(args) if local else int(self._learn(args=args))
         except redis.RedisError as exc:
+            if self.fallback is None:
+                # The request was sent and answered: its result must reach the caller. The
+                # next admit fails if Redis stays away; a held route lock expires by itself.
+                log.warning("rate limits of a response not recorded: %s", type(exc).__name__)
+                return
             invalid = self._fallback(exc).learn(args)
         self.core.invalid_count = invalid
         self.observer.invalid_requests(invalid)
@@ -605,6 +610,11 @@ class AsyncRateLimiter(_Shell):
         try:
             invalid = local.learn(args) if local else int(await self._learn(args=args))
         except redis.RedisError as exc:
+            if self.fallback is None:
+                # The request was sent and answered: its result must reach the caller. The
+                # next admit fails if Redis stays away; a held route lock expires by itself.
+                log.warning("rate limits of a response not recorded: %s", type(exc).__name__)
+                return
             invalid = self._fallback(exc).learn(args)
         self.core.invalid_count = invalid
         self.observer.invalid_requests(invalid)

@@ -233,6 +233,25 @@ def test_a_lost_first_request_leaves_the_route_unknown_not_unlimited(state_url: 
     assert first.locked and limiter.admit(key).locked
 
 
+def test_a_response_already_answered_is_kept_when_redis_goes_away_before_learning() -> None:
+    import redis
+
+    from tests.brokers import PrivateRedis
+
+    server = PrivateRedis()
+    server.start()
+    try:
+        limiter = RateLimiter(redis.Redis.from_url(server.url), LimiterCore(TOKEN))
+        key = RouteKey.of("GET", "/channels/{channel_id}", {"channel_id": 1})
+        permit = limiter.admit(key)
+        server.stop()
+        limiter.learn(permit, Limits(200, "bucket", 5, 4, 1.0))  # the caller gets its result
+        with pytest.raises(RateLimiterUnavailable):
+            limiter.admit(key)  # but nothing more is sent
+    finally:
+        server.close()
+
+
 def test_wrong_token_raises_401_after_at_most_two_requests_across_processes(
     sim: SimulatorThread, state_url: str
 ) -> None:
