@@ -415,10 +415,11 @@ class LocalState:
                 if held is not None and held[1] > now:
                     return [1, 0, "unknown"]
             elif bucket:
-                state = self.buckets.get(f"{bucket}|{major}")
-                if state is None:
+                known = self.buckets.get(f"{bucket}|{major}")
+                if known is None:
                     limit, period = self.limits.get(bucket, (1, 1000))
-                    state = [limit, limit, 0, period]
+                    known = [limit, limit, 0, period]
+                state = list(known)  # stored only once admitted, as the script does
                 if now >= state[2]:
                     state[1], state[2], fresh = state[0], now + state[3], 1
                 if state[1] <= 0:
