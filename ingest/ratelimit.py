@@ -123,6 +123,7 @@ class Permit:
     bucket: str  # the bucket the limiter knew ("" for none)
     limit: int
     fresh: bool  # this request opened a new window, whose true reset only the response tells
+    admitted_at: float = 0.0  # local monotonic seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +189,7 @@ if not exempt then
     return {1, math.max(1, tonumber(oldest[2]) + window - now), 'global'}
   end
   redis.call('ZADD', gk, now, ARGV[8])
-  redis.call('PEXPIRE', gk, window)
+  redis.call('PEXPIRE', gk, 2 * window)
 end
 if bkey then
   redis.call('HSET', bkey, 'limit', limit, 'remaining', remaining - 1, 'reset_at', reset_at,
@@ -200,7 +201,8 @@ return {0, lock and 1 or 0, bucket, limit, fresh}
 """
 
 # ARGV: prefix, route, major, request id, locked, bucket, limit, remaining, reset-after ms,
-# status, scope, retry-after ms, invalid. Reply: invalid requests in the 10-minute window.
+# status, scope, retry-after ms, invalid, global window margin ms (0: the slot stands).
+# Reply: invalid requests in the 10-minute window.
 _LEARN: Final = """
 local p, route, major = ARGV[1], ARGV[2], ARGV[3]
 local t = redis.call('TIME')
@@ -247,6 +249,12 @@ if status == 429 then
   end
 end
 if status == 401 then redis.call('SET', p .. 'unauthorized', 1, 'PX', 600000) end
+local margin = tonumber(ARGV[14])
+if margin > 0 then
+  -- A slow answer: Discord may have counted the request as late as now, so its global slot
+  -- ends a window after now (less the margin the window already has), never earlier.
+  redis.call('ZADD', p .. 'global', 'XX', 'GT', now - margin, ARGV[4])
+end
 local minute = math.floor(now / 60000)
 if ARGV[13] == '1' then
   local key = p .. 'invalid:' .. minute
@@ -308,6 +316,7 @@ class LimiterCore:
                 bucket=_text(reply[2]),
                 limit=int(reply[3]),
                 fresh=bool(int(reply[4])),
+                admitted_at=time.monotonic(),
             )
         if code == 1:
             if _text(reply[2]) == "unknown":
@@ -333,8 +342,17 @@ class LimiterCore:
             if not permit.locked:
                 return None
             limits = Limits(status=0)
+        # The global slot was counted at admission, Discord counts it on arrival: the window's
+        # margin covers the gap only while the answer is quicker than the margin.
+        margin_ms = self.global_window_ms - 1000
+        late = (
+            not permit.key.exempt
+            and margin_ms > 0
+            and (time.monotonic() - permit.admitted_at) * 1000 > margin_ms
+        )
         news = (
-            permit.locked
+            late
+            or permit.locked
             or permit.fresh
             or limits.status == 429
             or limits.invalid
@@ -357,6 +375,7 @@ class LimiterCore:
             limits.scope,
             round(limits.retry_after * 1000),
             int(limits.invalid),
+            margin_ms if late else 0,
         ]
 
 
@@ -438,8 +457,9 @@ class LocalState:
             return [0, int(unknown), bucket, state[0] if state else 0, fresh]
 
     def learn(self, args: list[str | int]) -> int:
+        # The fallback keeps each slot where admission put it (the last argument is ignored).
         (_, route, major, request_id, locked, bucket, limit, remaining, reset_after, status,
-         scope, retry_ms, invalid) = args  # fmt: skip
+         scope, retry_ms, invalid, _) = args  # fmt: skip
         with self._lock:
             now = round(time.monotonic() * 1000)
             key = f"{bucket}|{major}"
