@@ -12,9 +12,9 @@ from pathlib import Path
 
 from ingest.brokers import broker_url_from_env, data_dir_from_env
 from ingest.compression import Compression
+from ingest.discovery import DEFAULT_API_URL
 from ingest.errors import ConfigError
 from ingest.protocol import default_intents, parse_intents
-from ingest.rest import DEFAULT_API_URL
 
 
 @dataclass(frozen=True)

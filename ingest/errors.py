@@ -46,3 +46,21 @@ class NotConnected(CommandError):
 
 class BrokerUnavailable(IngestError):
     """The broker did not accept a publish; the events stay uncommitted and will be replayed."""
+
+
+class RestError(IngestError):
+    """A Discord REST call failed: ``status`` is the HTTP status (None if none came back),
+    ``code`` Discord's JSON error code. The message names the route template, never a token."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class RateLimiterUnavailable(RestError):
+    """The shared rate limiter (Redis) did not answer; nothing was sent, to stay within limits."""
+
+
+class InvalidRequestLimit(RestError):
+    """Too many 401/403/429 across the bot in 10 minutes: refused locally to avoid an IP ban."""

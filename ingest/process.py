@@ -15,7 +15,8 @@ from typing import Any
 
 from ingest.brokers import is_redis_url, redis_py_url
 from ingest.config import Config
-from ingest.errors import BrokerUnavailable, ConfigError, FatalGatewayError
+from ingest.discovery import fetch_gateway_bot
+from ingest.errors import BrokerUnavailable, ConfigError, FatalGatewayError, RestError
 from ingest.gateway import Gateway
 from ingest.identify import (
     BudgetedIdentifyScheduler,
@@ -27,7 +28,6 @@ from ingest.identify import (
 from ingest.metrics import Metrics, redis_queue_depths, serve_metrics
 from ingest.pipeline import Pipeline
 from ingest.publish import Publisher, publisher_for
-from ingest.rest import RestError, fetch_gateway_bot
 from ingest.routing import DEAD_LETTER_QUEUE, route_for
 from ingest.session import (
     ClosedBeforeReady,

@@ -895,7 +895,7 @@ def test_closes_4000_before_every_ready_are_logged_as_an_error_and_retried(
     assert "DISCORD_TOKEN" in alarms[0].getMessage() and "intents" in alarms[0].getMessage()
 
 
-PROCESS_REDIS_DB = 15  # this test's database on the test Redis (see conftest)
+PROCESS_REDIS_DB = 1  # this test's database on the test Redis (see conftest)
 
 
 @pytest.mark.timeout(90)

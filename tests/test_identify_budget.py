@@ -40,7 +40,7 @@ from tests.support import (
 
 # This file's database on the test Redis (see conftest.py); budget keys are also per test
 # (a fresh token each), so one test's budget never leaks into another's.
-REDIS_DB = 15
+REDIS_DB = 2
 REDIS_URL = redis_url(REDIS_DB)
 SPENT = "session start budget spent (shared by every gateway process of this bot)"
 

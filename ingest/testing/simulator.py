@@ -33,6 +33,7 @@ from ingest.protocol import (
     Intents,
     Opcode,
 )
+from ingest.testing.rest_sim import Reply, RestSimulator
 
 try:  # zstd-stream is optional on the client side too; without it we refuse that mode
     import zstandard
@@ -369,6 +370,16 @@ def _json_response(connection: ServerConnection, status: HTTPStatus, body: Any) 
     return response
 
 
+def _rest_response(connection: ServerConnection, reply: Reply) -> Response:
+    text = "" if reply.body is None else orjson.dumps(reply.body).decode()
+    response = connection.respond(HTTPStatus(reply.status), text)
+    if reply.body is not None:
+        response.headers["Content-Type"] = "application/json"
+    for name, value in reply.headers.items():
+        response.headers[name] = value
+    return response
+
+
 # --------------------------------------------------------------------------------------------
 # The simulator
 # --------------------------------------------------------------------------------------------
@@ -454,6 +465,8 @@ class GatewaySimulator:
             "email": None,
         }
 
+        # The REST routes a handler calls (messages, reactions, interactions): rest_sim.py.
+        self.rest = RestSimulator(token=token, bot_user=self.bot_user, emit=self._emit_to_guild)
         self.identify_log: list[IdentifyRecord] = []
         self.resume_log: list[ResumeRecord] = []
         self.invalid_identifies: list[IdentifyViolation] = []
@@ -759,7 +772,17 @@ class GatewaySimulator:
             result = await self._control(path.removeprefix("/_sim/"), params)
             if result is not None:
                 return _json_response(connection, HTTPStatus.OK, result)
+        if path.startswith(f"{API_PREFIX}/"):
+            payload = orjson.loads(body) if body.strip() else None
+            reply = await self.rest.handle(
+                method, path.removeprefix(API_PREFIX), request.headers, body, payload
+            )
+            if reply is not None:
+                return _rest_response(connection, reply)
         return _json_response(connection, HTTPStatus.NOT_FOUND, {"message": "404: Not Found"})
+
+    async def _emit_to_guild(self, event_name: str, data: Any, guild_id: str) -> None:
+        await self.emit(event_name, data, shard_id=(int(guild_id) >> 22) % self.shard_count)
 
     def _gateway_bot(self) -> JSONDict:
         elapsed_ms = int((time.monotonic() - self._started_at) * 1000)
