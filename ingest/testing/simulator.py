@@ -33,6 +33,7 @@ from ingest.protocol import (
     Intents,
     Opcode,
 )
+from ingest.testing.content import strips_content, without_content
 
 try:  # zstd-stream is optional on the client side too; without it we refuse that mode
     import zstandard
@@ -384,6 +385,7 @@ class GatewaySimulator:
         guilds_per_shard: int = 0,
         guild_size_kb: float = 2.0,
         application_id: int = 1100000000000000001,
+        honour_message_content: bool = False,
         on_connect: Callable[[GatewaySimulator, ServerConnection], Awaitable[None] | None]
         | None = None,
     ) -> None:
@@ -411,6 +413,8 @@ class GatewaySimulator:
         self.guilds_per_shard = guilds_per_shard
         self.guild_size_kb = guild_size_kb
         self.application_id = application_id
+        # Off by default so tests and the benchmark keep their payloads; the CLI turns it on.
+        self.honour_message_content = honour_message_content
         self.on_connect = on_connect
         self.bot_user: JSONDict = {
             "id": str(application_id),
@@ -509,6 +513,11 @@ class GatewaySimulator:
         encoded = orjson.dumps(data)
         for session in self._targets(shard_id):
             self._emitted[session.shard_id] = self._emitted.get(session.shard_id, 0) + 1
+            if self.honour_message_content and strips_content(
+                event_name, data, session.intents, str(self.application_id)
+            ):
+                await self._dispatch(session, event_name, orjson.dumps(without_content(data)))
+                continue
             await self._dispatch(session, event_name, encoded)
 
     async def emit_many(
