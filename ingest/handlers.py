@@ -20,7 +20,9 @@ from celery.signals import celeryd_init  # type: ignore[import-untyped]
 from kombu.entity import Exchange, Queue
 
 from ingest.brokers import REDIS_SCHEMES, ensure_broker_running, redis_py_url
+from ingest.config import exit_on_bad_broker_url
 from ingest.errors import ConfigError
+from ingest.logs import connect_worker_logging
 from ingest.messages import HEADER_EVENT, HEADER_SEQUENCE, HEADER_SESSION_ID, HEADER_SHARD_ID
 from ingest.routing import DEAD_LETTER_QUEUE, DEAD_LETTER_TASK, event_of_task, route_for
 
@@ -228,7 +230,9 @@ def _start_embedded_broker(conf: Any, **_: Any) -> None:
     ensure_broker_running(str(conf.broker_url or ""))
 
 
+celeryd_init.connect(exit_on_bad_broker_url)
 celeryd_init.connect(_start_embedded_broker)
+connect_worker_logging()  # INGEST_LOG_FORMAT=json applies to workers too
 
 
 class _Dedupe:
