@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -261,3 +264,39 @@ def test_worker_logs_json_lines_with_ingest_log_format_json() -> None:
     ready = [e for e in entries if e["message"].endswith("ready.")]
     assert ready and ready[0]["level"] == "INFO" and ready[0]["logger"]
     assert not any(line.startswith("[20") for line in worker.output()), worker.text()
+
+
+# -- the local loop -------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_procfile_dev_runs_the_loop_and_stops_within_honchos_5_s() -> None:
+    """Procfile.dev as written, on a free port, a private data dir and the test app."""
+    port = str(free_port())
+    with short_tempdir() as tmp:
+        procfile = (ROOT / "Procfile.dev").read_text()
+        procfile = procfile.replace("8765", port).replace(".ingest/dev", str(tmp / "dev"))
+        procfile = procfile.replace("-A tasks", "-A tests.demo_app")
+        (tmp / "Procfile").write_text(procfile)
+        bin_dir = str(Path(sys.executable).parent)
+        env = base_env(
+            INGEST_CELERY_APP="tests.demo_app", PATH=f"{bin_dir}:{os.environ.get('PATH', '')}"
+        )
+        honcho = [sys.executable, "-m", "honcho", "-f", str(tmp / "Procfile"), "-d", str(ROOT)]
+        loop = Proc("honcho", [*honcho, "start"], env)
+        try:
+            loop.wait_for_line("all 1 shards ready", timeout=60)
+            loop.wait_for_line("ready.", timeout=60)
+            said = ingest("simulate", "say", "!hello", "--url", f"http://127.0.0.1:{port}")
+            assert said.returncode == 0, said.stderr
+            loop.wait_for_line("demo app saw message", timeout=30)
+            assert "'!hello'" in next(x for x in loop.output() if "demo app saw message" in x)
+            started = time.monotonic()
+            loop.signal(signal.SIGINT)  # Ctrl-C
+            loop.popen.wait(timeout=30)
+            stopped_in = time.monotonic() - started
+        finally:
+            loop.kill()
+            stop_embedded_broker(tmp / "dev")
+    assert "SIGKILL" not in loop.text(), loop.text()
+    assert stopped_in < 5.0
