@@ -144,8 +144,8 @@ def run_demo(
         "demo: Ctrl-C stops everything" + (f"; stopping after {seconds:.0f} s" if seconds else "")
     )
     print(
-        f"demo: in another terminal, `python -m ingest simulate --url http://127.0.0.1:{port} "
-        'say "!hello"` sends a message'
+        'demo: in another terminal, `python -m ingest simulate say "!hello" '
+        f"--url http://127.0.0.1:{port}` sends a message"
     )
     procs: dict[str, subprocess.Popen[str]] = {}
     threads = []
