@@ -6,11 +6,13 @@ Every mistake becomes a ``ConfigError`` whose message is one line naming the var
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ingest.brokers import broker_url_from_env, data_dir_from_env
+from ingest.brokers import REDIS_SCHEMES, broker_url_from_env, data_dir_from_env
 from ingest.compression import Compression
 from ingest.discovery import DEFAULT_API_URL
 from ingest.errors import ConfigError
@@ -53,6 +55,56 @@ def _redact_url(url: str) -> str:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
+
+
+# Broker schemes the gateway publishes to (kombu's spellings), and the two special values.
+AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+SPECIAL_BROKERS = frozenset({"eager", "embedded"})
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else ""
+
+
+def exit_on_bad_broker_url(conf: Any, **_: Any) -> None:
+    """Celery ``celeryd_init`` receiver: a worker whose broker URL no kombu transport serves
+    says so in one line and exits 2, instead of kombu's two chained tracebacks."""
+    from kombu.connection import Connection
+
+    url = str(conf.broker_url or "")
+    try:
+        Connection(url).transport  # type: ignore[no-untyped-call]  # noqa: B018 - the check
+    except (KeyError, ImportError) as exc:
+        reason = exc.args[0] if exc.args else exc
+        print(
+            f"celery worker: broker URL {_redact_url(url)!r}: {reason}; use redis://, rediss://, "
+            "redis+socket://, amqp://, amqps:// or pyamqp://",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+
+
+def check_urls(env: Mapping[str, str]) -> None:
+    """Refuse URLs the gateway could only retry forever (``DISCORD_GATEWAY_URL=http://...``)."""
+    gateway_url = env.get("DISCORD_GATEWAY_URL", "").strip()
+    if gateway_url and _scheme(gateway_url) not in ("ws", "wss"):
+        raise ConfigError(
+            f"DISCORD_GATEWAY_URL={gateway_url!r} is not a WebSocket URL: use wss://... "
+            "(or ws:// for a local simulator)"
+        )
+    api_url = env.get("DISCORD_API_URL", "").strip()
+    if api_url and _scheme(api_url) not in ("http", "https"):
+        raise ConfigError(f"DISCORD_API_URL={api_url!r} is not an HTTP URL: use https://...")
+    for name in ("CELERY_BROKER_URL", "REDIS_URL"):
+        url = env.get(name, "").strip()
+        if not url:
+            continue
+        if url not in SPECIAL_BROKERS and _scheme(url) not in REDIS_SCHEMES | AMQP_SCHEMES:
+            raise ConfigError(
+                f"{name}={_redact_url(url)!r}: unsupported broker URL scheme; use redis://, "
+                "rediss://, redis+socket://, amqp://, amqps:// or pyamqp://"
+            )
+        break  # REDIS_URL is only read when CELERY_BROKER_URL is unset
 
 
 def parse_shard_ids(spec: str, shard_count: int | None = None) -> tuple[int, ...]:
@@ -118,6 +170,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             "DISCORD_TOKEN is not set: export the bot token from the Developer Portal "
             "(or run `python -m ingest demo` to try it against the simulator)"
         )
+    check_urls(env)
     if token.lower().startswith("bot "):
         token = token[4:].strip()
     intents_text = env.get("DISCORD_INTENTS", "").strip()

@@ -13,34 +13,95 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO, Final
 
-from ingest.testing.processes import free_port
+import redis
 
-COLOURS = ("\033[36m", "\033[33m", "\033[32m")
-RESET = "\033[0m"
+from ingest.brokers import embedded_socket, ensure_embedded_broker, stop_embedded_broker
+from ingest.store import KEY_PREFIX
+from ingest.testing.processes import SETTING_PREFIXES, free_port
+from ingest.testing.simulator import DEFAULT_TOKEN
+
+COLOURS: Final = ("\033[36m", "\033[33m", "\033[32m")
+RESET: Final = "\033[0m"
+DEFAULT_DATA_DIR: Final = Path(".ingest/demo")
+# Settings a user may want to carry into the demo; every other DISCORD_/CELERY_/INGEST_ variable
+# is dropped, so a shell configured for a real bot cannot point the demo at it.
+KEPT_SETTINGS: Final = ("INGEST_LOG_FORMAT", "INGEST_LOG_LEVEL")
 
 
-def _pump(name: str, colour: str, stream: object, width: int) -> None:
+def _pump(name: str, colour: str, stream: IO[str], width: int) -> None:
     tty = sys.stdout.isatty()
     prefix = f"{colour}{name:<{width}} |{RESET} " if tty else f"{name:<{width}} | "
-    for line in iter(stream.readline, ""):  # type: ignore[attr-defined]
+    for line in iter(stream.readline, ""):
         sys.stdout.write(prefix + line)
         sys.stdout.flush()
 
 
-def run_demo(seconds: float | None = None, messages: int = 20) -> int:
-    port = free_port()
-    data_dir = Path(".ingest/demo").resolve()
-    env = {k: v for k, v in os.environ.items() if k not in ("CELERY_BROKER_URL", "REDIS_URL")}
+def forget_sessions(data_dir: Path) -> int:
+    """Delete the sessions persisted in the demo's embedded broker; how many there were.
+
+    Each demo run starts a fresh simulator on a fresh port, which knows none of the sessions a
+    previous run left behind: resuming one would dial a port no one listens on any more.
+    """
+    client = redis.Redis(unix_socket_path=str(embedded_socket(data_dir)), socket_timeout=5)
+    try:
+        keys = list(client.scan_iter(match=f"{KEY_PREFIX}:*"))
+        if keys:
+            client.delete(*keys)
+        return len(keys)
+    finally:
+        client.close()
+
+
+def _broker_answers(data_dir: Path) -> bool:
+    sock = embedded_socket(data_dir)
+    if not sock.exists():
+        return False
+    client = redis.Redis(unix_socket_path=str(sock), socket_timeout=1, socket_connect_timeout=1)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def demo_env(port: int, data_dir: Path) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k in KEPT_SETTINGS or not (k.startswith(SETTING_PREFIXES) or k == "REDIS_URL")
+    }
     env.update(
         {
-            "DISCORD_TOKEN": "sim-token",
+            "DISCORD_TOKEN": DEFAULT_TOKEN,
             "DISCORD_GATEWAY_URL": f"ws://127.0.0.1:{port}",
             "DISCORD_API_URL": f"http://127.0.0.1:{port}/api/v10",
+            # The simulator grants MESSAGE_CONTENT (below); Discord needs it switched on in the
+            # Developer Portal too, or guild messages arrive with empty content.
+            "DISCORD_INTENTS": "DEFAULT,MESSAGE_CONTENT",
             "INGEST_DATA_DIR": str(data_dir),
             "PYTHONUNBUFFERED": "1",
         }
     )
+    return env
+
+
+def run_demo(
+    seconds: float | None = None,
+    messages: int = 20,
+    *,
+    app: str = "tasks",
+    data_dir: Path = DEFAULT_DATA_DIR,
+) -> int:
+    port = free_port()
+    data_dir = data_dir.resolve()
+    started_broker = not _broker_answers(data_dir)
+    ensure_embedded_broker(data_dir)
+    forgotten = forget_sessions(data_dir)
+    env = demo_env(port, data_dir)
+    env["INGEST_CELERY_APP"] = app
     py = sys.executable
     commands = {
         "simulator": [
@@ -49,6 +110,8 @@ def run_demo(seconds: float | None = None, messages: int = 20) -> int:
             "ingest.testing",
             "--port",
             str(port),
+            "--allow-privileged",
+            "MESSAGE_CONTENT",
             "--guilds-per-shard",
             "3",
             "--emit",
@@ -62,7 +125,7 @@ def run_demo(seconds: float | None = None, messages: int = 20) -> int:
             "-m",
             "celery",
             "-A",
-            "tasks",
+            app,
             "worker",
             "--loglevel",
             "INFO",
@@ -75,8 +138,14 @@ def run_demo(seconds: float | None = None, messages: int = 20) -> int:
     }
     width = max(len(n) for n in commands)
     print(f"demo: simulator on ws://127.0.0.1:{port}, embedded broker in {data_dir}")
+    if forgotten:
+        print(f"demo: forgot {forgotten} session(s) of an earlier demo's simulator")
     print(
         "demo: Ctrl-C stops everything" + (f"; stopping after {seconds:.0f} s" if seconds else "")
+    )
+    print(
+        'demo: in another terminal, `python -m ingest simulate say "!hello" '
+        f"--url http://127.0.0.1:{port}` sends a message"
     )
     procs: dict[str, subprocess.Popen[str]] = {}
     threads = []
@@ -85,6 +154,7 @@ def run_demo(seconds: float | None = None, messages: int = 20) -> int:
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         procs[name] = proc
+        assert proc.stdout is not None
         thread = threading.Thread(
             target=_pump,
             args=(name, COLOURS[index % len(COLOURS)], proc.stdout, width),
@@ -118,6 +188,9 @@ def run_demo(seconds: float | None = None, messages: int = 20) -> int:
             proc.kill()
     for thread in threads:
         thread.join(timeout=2)
+    if started_broker:
+        # Started for this demo, so it ends with it; one that was already up stays up.
+        stop_embedded_broker(data_dir)
     if failed:
         print(f"demo: {failed}", file=sys.stderr)
         return 1

@@ -27,7 +27,9 @@ from celery.signals import celeryd_init  # type: ignore[import-untyped]
 from kombu.entity import Exchange, Queue
 
 from ingest.brokers import REDIS_SCHEMES, ensure_broker_running, redis_py_url
+from ingest.config import exit_on_bad_broker_url
 from ingest.errors import ConfigError
+from ingest.logs import connect_worker_logging
 from ingest.messages import (
     HEADER_EVENT,
     HEADER_SEQUENCE,
@@ -456,7 +458,9 @@ def _on_worker_init(conf: Any, **_: Any) -> None:
     ensure_broker_running(str(conf.broker_url or ""))
 
 
+celeryd_init.connect(exit_on_bad_broker_url)
 celeryd_init.connect(_on_worker_init)
+connect_worker_logging()  # INGEST_LOG_FORMAT=json applies to workers too
 
 
 class _Dedupe:

@@ -1,5 +1,6 @@
 """Logging set-up for the gateway process: text or JSON lines, secrets scrubbed from every line,
 and warnings a peer can provoke rate-limited so a flood of bad payloads cannot fill the disk.
+A Celery worker gets the same JSON lines through Celery's logging signals.
 
 The code never logs the token; the scrubbing filter is the second lock on that door.
 """
@@ -8,10 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -56,7 +58,14 @@ class RedactingFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, message (and exc, when there is one)."""
+    """One JSON object per line: ts, level, logger, message (and exc, when there is one).
+
+    ``context`` adds fields per record (a worker adds the running task's name and id).
+    """
+
+    def __init__(self, context: Callable[[], dict[str, Any]] | None = None) -> None:
+        super().__init__()
+        self._context = context
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -66,6 +75,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._context is not None:
+            entry.update(self._context())
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         elif record.exc_text:
@@ -87,6 +98,41 @@ def configure_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> None
     root.setLevel(level)
     # websockets logs every frame at DEBUG, IDENTIFY (and its token) included.
     logging.getLogger("websockets").setLevel(max(logging.INFO, root.level))
+
+
+def log_format_from_env(env: Mapping[str, str]) -> str:
+    return env.get("INGEST_LOG_FORMAT", "text").strip().lower() or "text"
+
+
+def _task_context() -> dict[str, Any]:
+    from celery import current_task  # type: ignore[import-untyped]
+
+    task = current_task  # a proxy: falsy outside a task
+    if not task or task.request.id is None:
+        return {}
+    return {"task_name": task.name, "task_id": task.request.id}
+
+
+def _json_for_celery(logger: logging.Logger, **_: Any) -> None:
+    for handler in logger.handlers:
+        handler.setFormatter(JsonFormatter(_task_context))
+
+
+def connect_worker_logging() -> None:
+    """With ``INGEST_LOG_FORMAT=json``, make a Celery worker's log lines the gateway's JSON.
+
+    Celery builds its own handlers when the worker boots, then fires these signals; swapping
+    the formatters there keeps its levels, files and stdout redirection as they are.
+    """
+    if log_format_from_env(os.environ) != "json":
+        return
+    from celery.signals import (  # type: ignore[import-untyped]
+        after_setup_logger,
+        after_setup_task_logger,
+    )
+
+    after_setup_logger.connect(_json_for_celery, weak=False)
+    after_setup_task_logger.connect(_json_for_celery, weak=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from ingest.identify import (
 )
 from ingest.metrics import Metrics, redis_queue_depths, serve_metrics
 from ingest.pipeline import Pipeline
+from ingest.protocol import Intents
 from ingest.publish import Publisher, publisher_for
 from ingest.routing import DEAD_LETTER_QUEUE, route_for
 from ingest.session import (
@@ -88,6 +89,14 @@ class GatewayProcess:
         if not subscribed:
             log.warning("no handlers found in %s: every event will be dropped", config.celery_app)
         log.info("publishing %d event types: %s", len(subscribed), ", ".join(sorted(subscribed)))
+        if subscribed & {"MESSAGE_CREATE", "MESSAGE_UPDATE"} and not (
+            config.intents & Intents.MESSAGE_CONTENT
+        ):
+            log.warning(
+                "the MESSAGE_CONTENT intent is off: guild messages reach your handlers with "
+                "empty content (DMs and mentions of the bot excepted); add it to "
+                "DISCORD_INTENTS and enable it in the Developer Portal"
+            )
 
         max_concurrency = 1
         start_limit = None

@@ -546,7 +546,7 @@ def publisher_for(
         return AmqpPublisher(url, timeout=timeout)
     raise ConfigError(
         f"unsupported broker URL scheme {scheme!r}: use redis://, rediss://, redis+socket://, "
-        "amqp:// or pyamqp://"
+        "amqp://, amqps:// or pyamqp://"
     )
 
 

@@ -34,6 +34,7 @@ from ingest.protocol import (
     Opcode,
 )
 from ingest.testing.rest_sim import Reply, RestSimulator
+from ingest.testing.content import strips_content, without_content
 
 try:  # zstd-stream is optional on the client side too; without it we refuse that mode
     import zstandard
@@ -412,6 +413,7 @@ class GatewaySimulator:
         guilds_per_shard: int = 0,
         guild_size_kb: float = 2.0,
         application_id: int = 1100000000000000001,
+        honour_message_content: bool = False,
         on_connect: Callable[[GatewaySimulator, ServerConnection], Awaitable[None] | None]
         | None = None,
         reuse_session_id: bool = False,
@@ -443,6 +445,8 @@ class GatewaySimulator:
         self.guilds_per_shard = guilds_per_shard
         self.guild_size_kb = guild_size_kb
         self.application_id = application_id
+        # Off by default so tests and the benchmark keep their payloads; the CLI turns it on.
+        self.honour_message_content = honour_message_content
         self.on_connect = on_connect
         # Modes of servers that are not Discord (Spacebar): one session id for every IDENTIFY
         # with sequences restarting at ``first_sequence``; zstd as one frame per message.
@@ -551,6 +555,11 @@ class GatewaySimulator:
         encoded = orjson.dumps(data)
         for session in self._targets(shard_id):
             self._emitted[session.shard_id] = self._emitted.get(session.shard_id, 0) + 1
+            if self.honour_message_content and strips_content(
+                event_name, data, session.intents, str(self.application_id)
+            ):
+                await self._dispatch(session, event_name, orjson.dumps(without_content(data)))
+                continue
             await self._dispatch(session, event_name, encoded)
 
     async def emit_poison(
