@@ -23,5 +23,5 @@ def log_message(message: MessageCreate) -> None:
     )
     if message.author.bot:
         return  # our own reply comes back as a MESSAGE_CREATE too: never answer it
-    if message.content.strip() == "!hello":
+    if (message.content or "").strip() == "!hello":
         rest_client().reply(message, f"Hello, {message.author.username}!")

@@ -33,8 +33,8 @@ from ingest.protocol import (
     Intents,
     Opcode,
 )
-from ingest.testing.rest_sim import Reply, RestSimulator
 from ingest.testing.content import strips_content, without_content
+from ingest.testing.rest_sim import Reply, RestSimulator
 
 try:  # zstd-stream is optional on the client side too; without it we refuse that mode
     import zstandard
