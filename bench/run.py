@@ -308,6 +308,8 @@ def run_pipeline(
             DISCORD_GATEWAY_URL=sim.url,
             DISCORD_API_URL=f"http://127.0.0.1:{sim.port}/api/v10",
             INGEST_LOG_LEVEL="WARNING",
+            # Published whatever handlers tasks/ holds: the benchmark measures the gateway.
+            DISCORD_EVENTS="MESSAGE_CREATE,GUILD_CREATE",
         )
         if broker == "redis":
             redis_watch = RedisWatch(opts.redis_url)

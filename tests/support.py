@@ -1,10 +1,10 @@
-"""Real processes for end-to-end tests: the gateway (`python -m ingest`) and a Celery worker,
-their output collected line by line so tests can wait for what they print."""
+"""Real processes for end-to-end tests: the gateway (`python -m ingest`) and a Celery worker of
+the suite's own app (``tests.apps.recorder``), their output collected line by line, and the
+record that app's handlers keep in Redis, read back as distinct events."""
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
@@ -13,10 +13,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import redis
 
 from ingest.testing.processes import clean_env
 
@@ -33,7 +36,11 @@ def redis_url(db: int) -> str:
     return f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
 
 
-MESSAGE_LINE = re.compile(r"message (\d+) in channel \d+ by \S+ \(shard (\d+), seq (\d+)\)")
+# The suite's Celery app: gateways and workers started here load it, never the examples in
+# tasks/ (a bot author deletes those; the suite must not notice).
+TEST_APP = "tests.apps.recorder"
+# Records of every test live in this db of the shared Redis, each under a prefix of its own.
+RECORD_DB = 10
 
 
 @contextmanager
@@ -115,7 +122,8 @@ class Proc:
 
 
 def base_env(**overrides: str) -> dict[str, str]:
-    return clean_env(ROOT, **overrides)
+    """A child's environment: none of the developer's settings, the suite's Celery app."""
+    return clean_env(ROOT, **{"INGEST_CELERY_APP": TEST_APP, **overrides})
 
 
 def gateway_process(env: Mapping[str, str], name: str = "gateway") -> Proc:
@@ -126,7 +134,7 @@ def worker_process(
     env: Mapping[str, str],
     *queues: str,
     name: str = "worker",
-    app: str = "tasks",
+    app: str = TEST_APP,
     pool: str = "threads",
     concurrency: int = 4,
 ) -> Proc:
@@ -154,14 +162,87 @@ def worker_process(
     return Proc(name, cmd, env)
 
 
-def handled_messages(proc: Proc) -> list[tuple[int, int, int]]:
-    """(message id, shard id, sequence) of every MESSAGE_CREATE the example handler logged."""
-    found = []
-    for line in proc.output():
-        match = MESSAGE_LINE.search(line)
-        if match:
-            found.append((int(match[1]), int(match[2]), int(match[3])))
-    return found
+@dataclass(frozen=True, order=True)
+class Delivery:
+    """One distinct copy of an event a handler ran: a replay has the same task id."""
+
+    id: int
+    shard_id: int | None
+    sequence: int | None
+    task_id: str
+
+
+def _int_or_none(text: str) -> int | None:
+    return None if text == "None" else int(text)
+
+
+class Record:
+    """What the handlers of ``tests.apps.recorder`` wrote under ``prefix`` in the Redis at
+    ``url``: which ids ran, how often, and with which shard, sequence and task id."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.client = redis.Redis.from_url(url)
+
+    def env(self) -> dict[str, str]:
+        """What a worker of the recorder app needs to write here."""
+        return {"RECORD_URL": self.url, "RECORD_PREFIX": self.prefix}
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def runs(self, event: str = "MESSAGE_CREATE") -> dict[int, int]:
+        """Handler runs per id (an id never run is absent)."""
+        found = self.client.hgetall(self.key(f"{event}:runs"))
+        return {int(k): int(v) for k, v in found.items()}
+
+    def handled(self, event: str = "MESSAGE_CREATE") -> set[int]:
+        return {int(k) for k in self.client.hkeys(self.key(f"{event}:runs"))}
+
+    def deliveries(self, event: str = "MESSAGE_CREATE") -> set[Delivery]:
+        found = set()
+        for raw in self.client.smembers(self.key(f"{event}:deliveries")):
+            object_id, shard_id, sequence, task_id = raw.decode().split(" ")
+            found.add(
+                Delivery(int(object_id), _int_or_none(shard_id), _int_or_none(sequence), task_id)
+            )
+        return found
+
+    def wait_handled(
+        self,
+        expected: Collection[int],
+        timeout: float,
+        *procs: Proc,
+        event: str = "MESSAGE_CREATE",
+        supervise: Callable[[], None] | None = None,
+    ) -> None:
+        """Until every id in ``expected`` ran; on timeout fail with the count missing and the
+        tails of ``procs``."""
+        wanted = set(expected)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if supervise is not None:
+                supervise()
+            if self.client.hlen(self.key(f"{event}:runs")) >= len(wanted) and wanted <= (
+                self.handled(event)
+            ):
+                return
+            time.sleep(0.1)
+        missing = len(wanted - self.handled(event))
+        tails = "\n".join(
+            f"--- {p.name} (exit code {p.popen.poll()})\n" + "\n".join(p.output()[-60:])
+            for p in procs
+        )
+        raise AssertionError(f"{missing} of {len(wanted)} {event} never handled\n{tails}")
+
+    def clear(self) -> None:
+        keys = list(self.client.scan_iter(match=f"{self.prefix}*", count=1000))
+        if keys:
+            self.client.delete(*keys)
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def service_answers(host: str, port: int) -> bool:

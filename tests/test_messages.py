@@ -1,5 +1,6 @@
 """Task messages built by ``ingest.messages`` are stock Celery protocol-2 messages: kombu decodes
-them, and a stock ``celery -A tasks worker`` runs each with its shard/sequence/session."""
+them, and a stock ``celery worker`` (of the suite's recorder app) runs each with its shard and
+sequence."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from ingest.messages import (
 from ingest.publish import AmqpPublisher, RedisPublisher
 from ingest.routing import DEAD_LETTER_QUEUE, DEAD_LETTER_TASK
 from ingest.testing.simulator import sample_guild_create, sample_message_create
-from tests.support import base_env, handled_messages, worker_process
+from tests.support import Record, base_env, worker_process
 
 REDIS_DB = 5  # this file's own database on the shared Redis (see conftest)
 QUEUES = ("discord.MESSAGE_CREATE", "discord.GUILD_CREATE", DEAD_LETTER_QUEUE)
@@ -257,6 +258,7 @@ async def _publish(publisher: RedisPublisher | AmqpPublisher, messages: list[Tas
 
 
 def _batch() -> tuple[list[TaskMessage], list[tuple[int, int, int]]]:
+    # Expected: (message id, shard id, sequence) of each MESSAGE_CREATE.
     """20 MESSAGE_CREATE, 2 GUILD_CREATE and one dead letter, as the gateway would build them."""
     messages = []
     expected = []
@@ -327,7 +329,7 @@ def purged_rabbitmq(rabbitmq_url: str) -> str:
     ],
 )
 def test_stock_worker_runs_every_published_event_with_its_metadata(
-    broker: str, request: pytest.FixtureRequest
+    broker: str, request: pytest.FixtureRequest, record: Record
 ) -> None:
     if broker == "redis":
         url = request.getfixturevalue("clean_redis_db")
@@ -339,18 +341,20 @@ def test_stock_worker_runs_every_published_event_with_its_metadata(
     # Published before the worker starts: the messages must wait in the queue for it.
     asyncio.run(_publish(publisher, messages))
 
-    worker = worker_process(base_env(CELERY_BROKER_URL=url))
+    worker = worker_process(base_env(CELERY_BROKER_URL=url, **record.env()))
+    guilds = {int(sample_guild_create(i)["id"]) for i in range(2)}
     try:
-        worker.wait_for(
-            lambda _: len(handled_messages(worker)) >= len(expected),
-            60,
-            f"{len(expected)} handled messages",
-        )
-        worker.wait_for_line("guilds so far", timeout=20)
+        record.wait_handled({m for m, _, _ in expected}, 60, worker)
+        record.wait_handled(guilds, 20, worker, event="GUILD_CREATE")
         worker.wait_for_line("dead letter: MESSAGE_CREATE failed validation", timeout=20)
     finally:
         worker.stop()
-    assert sorted(handled_messages(worker)) == sorted(expected)
-    guild_lines = [line for line in worker.output() if "guilds so far" in line]
-    assert len(guild_lines) == 2
+    handled = sorted((d.id, d.shard_id, d.sequence) for d in record.deliveries())
+    assert handled == sorted(expected)
+    assert set(record.runs().values()) == {1}
+    assert {(d.id, d.shard_id, d.sequence) for d in record.deliveries("GUILD_CREATE")} == {
+        (int(sample_guild_create(i)["id"]), 0, 200 + i) for i in range(2)
+    }
+    assert len({d.task_id for d in record.deliveries()}) == len(expected)
+    # The dead letter's headers reached the dead-letter task too.
     assert "shard 1, seq 300" in worker.text()

@@ -2,7 +2,9 @@
 rate-limited warnings, and a token that never shows up in any log line or broker message.
 
 The end-to-end tests share one deployment (simulator, ``python -m ingest`` with DEBUG logs and
-metrics, a worker that consumes only MESSAGE_CREATE) on Redis db 13, and run in file order.
+metrics, a worker of the recorder app that consumes only MESSAGE_CREATE) on Redis db 13. Each
+test makes the traffic it asserts on and reads deltas, and a test that stops the deployment
+leaves it to be rebuilt for the next, so the tests pass alone and in any order.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,10 +44,11 @@ from tests.support import (
     REDIS_HOST,
     REDIS_PORT,
     ROOT,
+    TEST_APP,
     Proc,
+    Record,
     base_env,
     gateway_process,
-    handled_messages,
     redis_url,
     require_broker,
     short_tempdir,
@@ -229,6 +234,10 @@ class Deployment:
     redis: redis.Redis
     sim_log: list[str]
     tap: BrokerTap
+    record: Record
+
+    def alive(self) -> bool:
+        return self.gateway.popen.poll() is None and self.worker.popen.poll() is None
 
     def broker_traffic(self) -> list[str]:
         return list(self.tap.commands)
@@ -288,7 +297,7 @@ class BrokerTap:
 
 def worker_debug(env: dict[str, str], *queues: str) -> Proc:
     cmd = [
-        sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel", "DEBUG",
+        sys.executable, "-m", "celery", "-A", TEST_APP, "worker", "--loglevel", "DEBUG",
         "--pool", "threads", "--concurrency", "4",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
         "-n", f"ops-{time.monotonic_ns()}@%h", "-Q", ",".join(queues),
@@ -296,13 +305,13 @@ def worker_debug(env: dict[str, str], *queues: str) -> Proc:
     return Proc("worker", cmd, env)
 
 
-@pytest.fixture(scope="module")
-def deployment() -> Iterator[Deployment]:
-    require_broker("redis")
+@contextmanager
+def deploy() -> Iterator[Deployment]:
     client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB)
     client.flushdb()
     sim_logger, sim_log = capture("ingest.testing.simulator")
     tap = BrokerTap()
+    record = Record(REDIS_URL, f"{uuid.uuid4().hex}:")
     port = free_port()
     with short_tempdir() as data_dir, SimulatorThread(token=TOKEN) as sim:
         env = base_env(
@@ -313,13 +322,22 @@ def deployment() -> Iterator[Deployment]:
             INGEST_DATA_DIR=str(data_dir),
             INGEST_LOG_LEVEL="DEBUG",
             INGEST_METRICS_PORT=str(port),
+            **record.env(),
         )
         # Only MESSAGE_CREATE is consumed: GUILD_CREATE (which has a handler) and the dead
         # letters stay queued for `status` to count.
         worker = worker_debug(env, "discord.MESSAGE_CREATE")
         gateway = gateway_process(env)
         deployment = Deployment(
-            sim, env, gateway, worker, f"http://127.0.0.1:{port}/metrics", client, sim_log, tap
+            sim,
+            env,
+            gateway,
+            worker,
+            f"http://127.0.0.1:{port}/metrics",
+            client,
+            sim_log,
+            tap,
+            record,
         )
         try:
             gateway.wait_for_line("all 1 shards ready", timeout=30)
@@ -331,16 +349,54 @@ def deployment() -> Iterator[Deployment]:
             tap.close()
             sim_logger.handlers.clear()
             sim_logger.propagate = True
+            record.close()
     client.close()
+
+
+class Deployments:
+    """The module's one deployment, rebuilt when a test stopped it (or it died): sharing it
+    keeps the file fast, rebuilding keeps every test independent of the others' order."""
+
+    def __init__(self) -> None:
+        self._stack: ExitStack | None = None
+        self._current: Deployment | None = None
+
+    def get(self) -> Deployment:
+        if self._current is not None and self._current.alive():
+            return self._current
+        self.close()
+        stack = ExitStack()
+        self._current = stack.enter_context(deploy())
+        self._stack = stack
+        return self._current
+
+    def close(self) -> None:
+        stack, self._stack, self._current = self._stack, None, None
+        if stack is not None:
+            stack.close()
+
+
+@pytest.fixture(scope="module")
+def deployments() -> Iterator[Deployments]:
+    pool = Deployments()
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def deployment(deployments: Deployments) -> Deployment:
+    require_broker("redis")
+    return deployments.get()
 
 
 def test_metrics_count_received_published_and_dropped_by_event_type(
     deployment: Deployment,
 ) -> None:
     sim, before = deployment.sim, deployment.scrape()
-    handled_before = len(handled_messages(deployment.worker))
     sim.emit_many("MESSAGE_CREATE", lambda i: sample_message_create(10_000 + i), 100)
-    sim.emit_many("TYPING_START", sample_typing_start, 7)  # no handler in tasks/
+    sim.emit_many("TYPING_START", sample_typing_start, 7)  # no handler in the app
     received = "discord_ingest_events_received_total"
 
     def moved(scraped: dict[Any, float]) -> bool:
@@ -369,23 +425,26 @@ def test_metrics_count_received_published_and_dropped_by_event_type(
     assert delta("discord_ingest_publish_latency_seconds_count") == 100
     assert value(after, "discord_ingest_publish_latency_seconds_bucket", le="+Inf") >= 100
     assert value(after, "discord_ingest_broker_up") == 1
-    deployment.worker.wait_for(
-        lambda _: len(handled_messages(deployment.worker)) >= handled_before + 100,
-        timeout=60,
-        what="the worker to handle the 100 messages",
+    deployment.record.wait_handled(
+        {int(sample_message_create(10_000 + i)["id"]) for i in range(100)}, 60, deployment.worker
     )
 
 
 def test_committed_sequence_catches_up_with_received_after_quiescence(
     deployment: Deployment,
 ) -> None:
+    received_before = value(
+        deployment.scrape(), "discord_ingest_shard_received_sequence", shard="0"
+    )
+    deployment.sim.emit_many("MESSAGE_CREATE", lambda i: sample_message_create(15_000 + i), 50)
+
     def caught_up(scraped: dict[Any, float]) -> bool:
         received = value(scraped, "discord_ingest_shard_received_sequence", shard="0")
         committed = value(scraped, "discord_ingest_shard_committed_sequence", shard="0")
-        return received > 0 and committed == received
+        return received >= received_before + 50 and committed == received
 
     scraped = deployment.wait_scrape(caught_up, 15, "committed == received")
-    assert value(scraped, "discord_ingest_shard_received_sequence", shard="0") >= 108
+    assert value(scraped, "discord_ingest_shard_received_sequence", shard="0") >= 51
 
 
 def test_heartbeat_latency_is_reported_after_a_server_requested_heartbeat(
@@ -490,8 +549,8 @@ def test_reconnects_and_resumes_lose_nothing(deployment: Deployment) -> None:
     def resumed() -> int:
         return sum("resumed session" in line for line in gateway.output())
 
-    handled_before = len(handled_messages(worker))
     count = resumed()
+    sent: set[int] = set()
     for i, disturb in enumerate(
         (
             sim.send_reconnect,  # op 7
@@ -505,11 +564,10 @@ def test_reconnects_and_resumes_lose_nothing(deployment: Deployment) -> None:
         sim.emit_many(
             "MESSAGE_CREATE", lambda j, i=i: sample_message_create(20_000 + 10 * i + j), 5
         )
-    worker.wait_for(
-        lambda _: len(handled_messages(worker)) >= handled_before + 20,
-        timeout=60,
-        what="the 20 messages sent between reconnects",
-    )
+        sent |= {int(sample_message_create(20_000 + 10 * i + j)["id"]) for j in range(5)}
+    # Every one of the 20 distinct messages ran, whatever the reconnects replayed.
+    deployment.record.wait_handled(sent, 60, worker, gateway)
+    assert len(sent) == 20 and sent <= deployment.record.handled()
     scraped = deployment.scrape()
     # Each disturbance is counted under its own cause, as a reconnect and as a resume.
     for cause in ("op7", "dropped", "op9_resumable", "close_4000"):
@@ -521,7 +579,16 @@ def test_reconnects_and_resumes_lose_nothing(deployment: Deployment) -> None:
 
 
 def test_the_token_appears_in_no_output_and_no_broker_message(deployment: Deployment) -> None:
-    # Stop everything first so every line and every broker command is in.
+    # Traffic of its own: every path a token could leak through has carried something.
+    sim = deployment.sim
+    sim.emit_many("MESSAGE_CREATE", lambda i: sample_message_create(30_000 + i), 5)
+    sim.emit("GUILD_CREATE", sample_guild_create(30_000, size_kb=1))
+    sim.send_raw("not json {")
+    deployment.record.wait_handled(
+        {int(sample_message_create(30_000 + i)["id"]) for i in range(5)}, 60, deployment.worker
+    )
+    # Stop everything (the next test gets a new deployment) so every line and every broker
+    # command is in.
     assert deployment.gateway.stop() == 0
     deployment.worker.stop()
     time.sleep(0.5)

@@ -16,13 +16,11 @@ from typing import Any
 
 import pytest
 
-import ingest.rest
 from ingest.errors import ConfigError, InvalidRequestLimit, RateLimiterUnavailable, RestError
 from ingest.models import Interaction, Message
 from ingest.ratelimit import LimiterCore, Limits, RateLimiter, RouteKey
 from ingest.rest import AsyncRest, Rest, RestMetrics, Settings, rest_metrics
 from ingest.testing import GatewaySimulator, SimulatorThread
-from ingest.testing.simulator import sample_message_create
 from tests.test_simulator import ready_session, recv_json
 
 TOKEN = "sim-token"
@@ -128,31 +126,6 @@ def test_message_created_through_rest_comes_back_as_message_create_from_the_bot(
         assert dispatch["d"]["author"]["id"] == sim.bot_user["id"]
 
     asyncio.run(asyncio.wait_for(scenario(), 20))
-
-
-def test_the_example_handler_answers_hello_and_never_its_own_reply(
-    state_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from tasks import app
-    from tasks.messages import log_message
-
-    token = f"token-{uuid.uuid4().hex}"  # a bot of its own: fresh limits in Redis
-    with SimulatorThread(port=0, token=token) as sim:
-        monkeypatch.setenv("DISCORD_TOKEN", token)
-        monkeypatch.setenv("DISCORD_API_URL", sim.api_url)
-        monkeypatch.setenv("INGEST_STATE_URL", state_url)
-        monkeypatch.setattr(ingest.rest, "_process_client", None)
-        monkeypatch.setitem(app.conf, "task_eager_propagates", True)
-        hello = {**sample_message_create(1), "content": "!hello"}
-        log_message.apply(args=[hello])
-        replies = sim.read(lambda s: list(s.rest.messages))
-        # The reply's own MESSAGE_CREATE, by the bot; even saying "!hello" it gets no answer.
-        log_message.apply(args=[replies[0]])
-        log_message.apply(args=[{**replies[0], "content": "!hello"}])
-
-        assert sim.read(lambda s: len(s.rest.messages)) == 1
-    assert replies[0]["content"] == f"Hello, {hello['author']['username']}!"
-    assert replies[0]["message_reference"]["message_id"] == hello["id"]
 
 
 # ---- limits ------------------------------------------------------------------------------

@@ -32,9 +32,9 @@ from tests.support import (
     REDIS_PORT,
     ROOT,
     Proc,
+    Record,
     base_env,
     gateway_process,
-    handled_messages,
     redis_url,
     require_broker,
     short_tempdir,
@@ -463,10 +463,10 @@ def _assert_identifies_spaced(log: list[IdentifyRecord], buckets: int) -> None:
 @pytest.mark.redis
 @pytest.mark.timeout(180)
 def test_two_processes_split_eight_shards_and_share_identify_buckets(
-    redis_db: redis.Redis,
+    redis_db: redis.Redis, record: Record
 ) -> None:
     with SimulatorThread(shard_count=8, max_concurrency=2) as sim, short_tempdir() as data_dir:
-        worker = worker_process(_sharded_env(sim, data_dir, "0-7"))
+        worker = worker_process({**_sharded_env(sim, data_dir, "0-7"), **record.env()})
         low = gateway_process(_sharded_env(sim, data_dir, "0-3"), name="gateway 0-3")
         high = gateway_process(_sharded_env(sim, data_dir, "4-7"), name="gateway 4-7")
         procs: list[Proc] = [low, high]
@@ -488,11 +488,7 @@ def test_two_processes_split_eight_shards_and_share_identify_buckets(
                 for s in range(8)
                 for i in range(MESSAGES_PER_SHARD)
             }
-            worker.wait_for(
-                lambda _: {h[0] for h in handled_messages(worker)} >= set(expected),
-                timeout=60,
-                what=f"{len(expected)} handled messages",
-            )
+            record.wait_handled(expected, 60, worker, *procs)
             for proc in procs:
                 assert proc.stop() == 0, proc.text()
         finally:
@@ -505,8 +501,8 @@ def test_two_processes_split_eight_shards_and_share_identify_buckets(
     assert invalid == []
     assert sorted(r.shard_id for r in log) == list(range(8)), log
     _assert_identifies_spaced(log, 2)
-    handled = handled_messages(worker)
-    assert {message: shard for message, shard, _ in handled} == expected
+    assert {d.id: d.shard_id for d in record.deliveries()} == expected
+    assert set(record.runs().values()) == {1}
     # The progress line says when the next bucket opens, then one line when all are ready.
     for proc in procs:
         progress = [line for line in proc.output() if "shards ready" in line]
