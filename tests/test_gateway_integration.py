@@ -799,7 +799,7 @@ def test_closes_before_ready_show_in_status_until_the_shard_gets_a_session(
 
     env = {
         "DISCORD_TOKEN": TOKEN,
-        "CELERY_BROKER_URL": "memory://",
+        "CELERY_BROKER_URL": "eager",
         "INGEST_STATE_URL": f"file://{tmp_path}",
     }
 

@@ -435,7 +435,7 @@ def test_the_process_counts_a_lost_session_once_and_forgets_it_at_once(tmp_path:
 
     env = {
         "DISCORD_TOKEN": "token-" + "x" * 20,
-        "CELERY_BROKER_URL": "memory://",
+        "CELERY_BROKER_URL": "eager",
         "INGEST_MAX_BUFFERED_BYTES": "1048576",
     }
 
