@@ -73,6 +73,46 @@ def broker_url_from_env(env: Mapping[str, str], *, start: bool = True) -> str:
     return ensure_embedded_broker(data_dir) if start else embedded_url(data_dir)
 
 
+def explain_worker_broker_errors(url: str) -> None:
+    """Make a worker's broker connection errors say why (TLS, client limit, down).
+
+    Celery logs a lost connection as ``%r`` of the error, and redis-py's repr is only its
+    kind (``network:ConnectionError``): a worker at its Redis plan's connection cap looped
+    on that line, the reason nowhere. Called once as the worker boots.
+    """
+    logger = logging.getLogger("celery.worker.consumer.consumer")
+    if not any(isinstance(f, _ExplainRedisErrors) for f in logger.filters):
+        logger.addFilter(_ExplainRedisErrors(url))
+
+
+class _Explained:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+    __str__ = __repr__
+
+
+class _ExplainRedisErrors(logging.Filter):
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(
+            isinstance(arg, redis.RedisError) for arg in record.args
+        ):
+            record.args = tuple(
+                _Explained(str(redis_failure(self.url, arg)))
+                if isinstance(arg, redis.RedisError)
+                else arg
+                for arg in record.args
+            )
+        return True
+
+
 def ensure_broker_running(url: str) -> None:
     """Start the embedded broker if ``url`` is one (a no-op for any other broker)."""
     parts = urlsplit(url)
@@ -196,26 +236,35 @@ def redis_failure(url: str, exc: BaseException) -> ConfigError | BrokerUnavailab
     rest may pass (``BrokerUnavailable``).
     """
     where = redact_url(url)
+    chain: list[BaseException] = []
     cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, ssl.SSLError):
+    while cause is not None and len(chain) < 10:
+        chain.append(cause)
         cause = cause.__cause__ or cause.__context__
+    tls = next((c for c in chain if isinstance(c, ssl.SSLError)), None)
     text = str(exc)
-    if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
-        reason = getattr(cause, "verify_message", None) or "certificate verify failed"
+    if isinstance(tls, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
+        reason = getattr(tls, "verify_message", None) or "certificate verify failed"
         return ConfigError(
             f"TLS: Redis at {where} presented a certificate we do not trust ({reason}); "
             "to verify it add ssl_ca_certs=<its CA file> to the URL, or accept it unverified "
             "with ?ssl_cert_reqs=none (Heroku Redis's self-signed certificate)"
         )
-    if cause is not None:
-        return BrokerUnavailable(
-            f"TLS: handshake with Redis at {where} failed ({cause}); rediss:// needs a TLS "
-            "port, use redis:// for a plain one"
-        )
+    limit = "its client limit (maxclients / your plan's cap, see the README's connection budget)"
     if "max number of clients" in text:
+        return BrokerUnavailable(f"Redis at {where} refuses new connections: {limit} is reached")
+    if urlsplit(url).scheme == "rediss" and any(
+        isinstance(c, ssl.SSLEOFError | ConnectionResetError) for c in chain
+    ):
+        # Over TLS a server at maxclients closes the socket before a reply can be read.
         return BrokerUnavailable(
-            f"Redis at {where} refuses new connections: its client limit (maxclients / your "
-            "plan's connection cap) is reached; see the README's connection budget"
+            f"TLS: Redis at {where} closed the connection during the handshake: it is at "
+            f"{limit}, or that port does not speak TLS"
+        )
+    if tls is not None:
+        return BrokerUnavailable(
+            f"TLS: handshake with Redis at {where} failed ({tls}); rediss:// needs a TLS "
+            "port, use redis:// for a plain one"
         )
     return BrokerUnavailable(f"Redis at {where} does not answer ({text or type(exc).__name__})")
 

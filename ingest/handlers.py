@@ -19,7 +19,12 @@ from celery import Celery, Task, current_task  # type: ignore[import-untyped]
 from celery.signals import celeryd_init  # type: ignore[import-untyped]
 from kombu.entity import Exchange, Queue
 
-from ingest.brokers import REDIS_SCHEMES, ensure_broker_running, redis_py_url
+from ingest.brokers import (
+    REDIS_SCHEMES,
+    ensure_broker_running,
+    explain_worker_broker_errors,
+    redis_py_url,
+)
 from ingest.errors import ConfigError
 from ingest.messages import HEADER_EVENT, HEADER_SEQUENCE, HEADER_SESSION_ID, HEADER_SHARD_ID
 from ingest.routing import DEAD_LETTER_QUEUE, DEAD_LETTER_TASK, event_of_task, route_for
@@ -226,6 +231,7 @@ def _start_embedded_broker(conf: Any, **_: Any) -> None:
     # celeryconfig names the embedded broker without starting it (importing the app must not
     # spawn a server); a worker booting is the moment it is needed.
     ensure_broker_running(str(conf.broker_url or ""))
+    explain_worker_broker_errors(str(conf.broker_url or ""))
 
 
 celeryd_init.connect(_start_embedded_broker)

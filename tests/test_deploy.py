@@ -261,6 +261,33 @@ def test_untrusted_certificate_ends_the_gateway_with_one_tls_line(tls_redis: Tls
     assert "tls-test-password" not in gateway.text()
 
 
+@pytest.mark.timeout(120)
+def test_at_the_redis_client_limit_gateway_and_worker_say_so(tls_redis: TlsRedis) -> None:
+    admin = tls_redis.client()
+    admin.config_set("maxclients", 1)  # this connection is the one client allowed
+    try:
+        with short_tempdir() as data_dir:
+            env = base_env(
+                DISCORD_TOKEN="sim-token",
+                DISCORD_GATEWAY_URL="ws://127.0.0.1:9",
+                DISCORD_SHARD_COUNT="1",
+                REDIS_URL=tls_redis.url("?ssl_cert_reqs=none"),
+                INGEST_DATA_DIR=str(data_dir),
+            )
+            worker = stock_worker(env, "tasks")
+            gateway = gateway_process(env)
+            try:
+                for proc in (gateway, worker):
+                    proc.wait_for_line("it is at its client limit (maxclients", timeout=60)
+            finally:
+                gateway.stop()
+                worker.stop(timeout=30)
+    finally:
+        admin.close()
+    assert "tls-test-password" not in gateway.text() + worker.text()
+    print("\n" + next(line for line in worker.output() if "client limit" in line))
+
+
 # --- the worker's settings ------------------------------------------------------------------
 
 
