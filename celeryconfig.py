@@ -6,10 +6,26 @@ Every module-level name without a leading underscore is a setting (``celery repo
 """
 
 import os as _os
+import sys as _sys
+from collections.abc import Callable as _Callable
+from typing import TypeVar as _TypeVar
 
 from ingest.brokers import broker_url_from_env as _broker_url_from_env
 from ingest.brokers import redis_tls_options as _redis_tls_options
 from ingest.errors import ConfigError as _ConfigError
+
+_T = _TypeVar("_T")
+
+
+def _setting(read: _Callable[[], _T]) -> _T:
+    # Bad configuration ends the worker as it ends the gateway: one line, exit 2, instead of
+    # a traceback from inside Celery's config import.
+    try:
+        return read()
+    except _ConfigError as exc:
+        print(f"discord-ingest: {exc}", file=_sys.stderr)
+        raise SystemExit(2) from None
+
 
 task_always_eager = _os.environ.get("CELERY_TASK_ALWAYS_EAGER", "").lower() in {"1", "true", "yes"}
 task_eager_propagates = task_always_eager
@@ -21,7 +37,7 @@ broker_connection_retry_on_startup = True
 
 # rediss:// (Heroku Redis: self-signed certificate) is read as the gateway reads it: any
 # spelling of ssl_cert_reqs, ssl_ca_certs; bare rediss:// is unverified TLS, warned once.
-broker_use_ssl = _redis_tls_options(broker_url)
+broker_use_ssl = _setting(lambda: _redis_tls_options(broker_url))
 redis_backend_use_ssl = broker_use_ssl
 
 
@@ -38,7 +54,7 @@ def _worker_concurrency() -> int:
 
 
 # --concurrency on the command line still wins.
-worker_concurrency = _worker_concurrency()
+worker_concurrency = _setting(_worker_concurrency)
 # The worker's own publishing (a handler's .delay()) holds at most one connection per pool
 # slot: bounded by the concurrency, so the connection budget in the README holds.
 broker_pool_limit = worker_concurrency

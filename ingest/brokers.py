@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -135,7 +135,7 @@ def redis_py_url(url: str) -> str:
     if parts.scheme == "rediss":
         params = dict(parse_qsl(parts.query, keep_blank_values=True))
         params["ssl_cert_reqs"] = _cert_reqs_name(params.get("ssl_cert_reqs"), url)
-        return urlunsplit(parts._replace(query=urlencode(params, safe="/:")))
+        return urlunsplit(parts._replace(query=urlencode(params, safe="/:", quote_via=quote)))
     return url
 
 
