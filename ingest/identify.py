@@ -143,12 +143,12 @@ class RedisIdentifyScheduler:
         prefix: str = LEASE_PREFIX,
         clock: Clock = time.monotonic,
     ) -> None:
-        import redis.asyncio as aioredis
+        from ingest.brokers import async_redis
 
         self.max_concurrency = max(1, max_concurrency)
         self.interval = interval
         self.hold = interval + _margin(interval, margin)
-        self._redis: redis.asyncio.Redis = aioredis.Redis.from_url(
+        self._redis: redis.asyncio.Redis = async_redis(
             redis_url, socket_timeout=5, socket_connect_timeout=5
         )
         self._prefix = prefix

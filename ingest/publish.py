@@ -27,7 +27,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from ingest.brokers import REDIS_SCHEMES, data_dir_from_env, ensure_embedded_broker, redis_py_url
+from ingest.brokers import (
+    REDIS_SCHEMES,
+    async_redis,
+    data_dir_from_env,
+    ensure_embedded_broker,
+    redis_failure,
+)
 from ingest.errors import BrokerUnavailable, ConfigError
 from ingest.messages import (
     CONTENT_ENCODING,
@@ -95,8 +101,8 @@ class RedisPublisher:
 
     def _connection(self) -> aioredis.Redis:
         if self._client is None:
-            self._client = aioredis.Redis.from_url(
-                redis_py_url(self.url),
+            self._client = async_redis(
+                self.url,
                 socket_timeout=self.timeout,
                 socket_connect_timeout=self.timeout,
                 # One retry covers a pooled connection the server closed while we were idle;
@@ -107,8 +113,11 @@ class RedisPublisher:
         return self._client
 
     async def connect(self) -> None:
-        if not await self.ping():
-            raise BrokerUnavailable(f"Redis broker at {_redact(self.url)} does not answer")
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._connection().ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise redis_failure(self.url, exc) from exc  # one line: TLS, maxclients, down
         log.info("publishing to Redis at %s", _redact(self.url))
 
     async def declare(self, queues: Iterable[str]) -> None:

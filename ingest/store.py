@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from ingest.brokers import is_redis_url, redis_py_url
+from ingest.brokers import async_redis, is_redis_url
 from ingest.session import SessionState
 
 log = logging.getLogger("ingest.store")
@@ -78,11 +78,7 @@ def _decode(raw: str | bytes) -> SessionState | None:
 
 class RedisSessionStore:
     def __init__(self, url: str, prefix: str = KEY_PREFIX) -> None:
-        import redis.asyncio as aioredis
-
-        self._redis = aioredis.Redis.from_url(
-            redis_py_url(url), socket_timeout=5, socket_connect_timeout=5
-        )
+        self._redis = async_redis(url, socket_timeout=5, socket_connect_timeout=5)
         self._prefix = prefix
         # Outside "<prefix>:*", which load_all() reads as sessions.
         self._problems = PROBLEM_PREFIX if prefix == KEY_PREFIX else f"{prefix}-problems"
