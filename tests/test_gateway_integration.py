@@ -952,3 +952,33 @@ def test_python_m_ingest_survives_a_poison_event_and_commits_past_it() -> None:
     assert "21 published" not in stopped and "1 invalid" in stopped
     assert stored["sequence"] == 22  # READY, 10, the poison event, 10: all committed
     assert "Traceback" not in gateway.text()
+
+
+def test_spacebar_shaped_payloads_are_published_not_dead_lettered() -> None:
+    """The four dispatch shapes an independent server (Spacebar) sent that the first models
+    refused, through simulator -> gateway -> pipeline: all published, none dead-lettered."""
+    from ingest.routing import route_for
+    from ingest.testing.spacebar import SPACEBAR_PAYLOADS
+
+    counts: dict[str, int] = {}
+
+    async def scenario() -> None:
+        async with piped(subscribed=frozenset(SPACEBAR_PAYLOADS)) as p:
+            for event, data in SPACEBAR_PAYLOADS.items():
+                await p.sim.emit(event, data)
+            last = p.sim.sessions[p.gateway.session_id or ""].sequence
+            await p.until(lambda: p.gateway.session.committed_sequence == last)
+            published = {
+                event: len(p.publisher.named(route_for(event).task_name))
+                for event in SPACEBAR_PAYLOADS
+            }
+            counts.update(
+                sent=len(SPACEBAR_PAYLOADS),
+                published=sum(published.values()),
+                dead_lettered=len(p.dead_letters()),
+            )
+            assert published == dict.fromkeys(SPACEBAR_PAYLOADS, 1), published
+
+    run(scenario)
+    print("spacebar shapes:", counts)
+    assert counts == {"sent": 4, "published": 4, "dead_lettered": 0}
