@@ -66,6 +66,13 @@ class RouteKey:
             parts.append(f"interaction_id={params['interaction_id']}")
         return cls(f"{method.upper()} {template}", ",".join(parts), EXEMPT_PARAMETER in params)
 
+    @property
+    def bot_token_auth(self) -> bool:
+        """Authorised by the bot token: a webhook or interaction token in the path is its own
+        credential, and its 401 (e.g. an interaction token past its 15 minutes) says nothing
+        about the bot's token."""
+        return "_token#" not in self.major
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -201,7 +208,8 @@ return {0, lock and 1 or 0, bucket, limit, fresh}
 """
 
 # ARGV: prefix, route, major, request id, locked, bucket, limit, remaining, reset-after ms,
-# status, scope, retry-after ms, invalid, global window margin ms (0: the slot stands).
+# status, scope, retry-after ms, invalid, global window margin ms (0: the slot stands),
+# bot token auth (1: a 401 means the bot's token is wrong).
 # Reply: invalid requests in the 10-minute window.
 _LEARN: Final = """
 local p, route, major = ARGV[1], ARGV[2], ARGV[3]
@@ -248,7 +256,9 @@ if status == 429 then
     redis.call('PEXPIRE', bkey, retry_ms + 60000)
   end
 end
-if status == 401 then redis.call('SET', p .. 'unauthorized', 1, 'PX', 600000) end
+if status == 401 and ARGV[15] == '1' then
+  redis.call('SET', p .. 'unauthorized', 1, 'PX', 600000)
+end
 local margin = tonumber(ARGV[14])
 if margin > 0 then
   -- A slow answer: Discord may have counted the request as late as now, so its global slot
@@ -376,6 +386,7 @@ class LimiterCore:
             round(limits.retry_after * 1000),
             int(limits.invalid),
             margin_ms if late else 0,
+            int(permit.key.bot_token_auth),
         ]
 
 
@@ -459,7 +470,7 @@ class LocalState:
     def learn(self, args: list[str | int]) -> int:
         # The fallback keeps each slot where admission put it (the last argument is ignored).
         (_, route, major, request_id, locked, bucket, limit, remaining, reset_after, status,
-         scope, retry_ms, invalid, _) = args  # fmt: skip
+         scope, retry_ms, invalid, _, bot_token_auth) = args  # fmt: skip
         with self._lock:
             now = round(time.monotonic() * 1000)
             key = f"{bucket}|{major}"
@@ -485,7 +496,7 @@ class LocalState:
                 elif key in self.buckets:
                     self.buckets[key][1] = 0
                     self.buckets[key][2] = max(self.buckets[key][2], until)
-            if int(status) == 401:
+            if int(status) == 401 and int(bot_token_auth):
                 self.unauthorized_until = now + 600_000
             if int(invalid):
                 self.invalid[now // 60000] = self.invalid.get(now // 60000, 0) + 1

@@ -242,6 +242,21 @@ def test_wrong_token_raises_401_after_at_most_two_requests_across_processes(
     assert all("wrong" not in str(e) for e in errors)  # the token never shows
 
 
+def test_an_expired_interaction_token_does_not_lock_out_the_bots_token(
+    sim: SimulatorThread, state_url: str
+) -> None:
+    # Discord answers 401 (50027) to a follow-up past the token's 15 minutes: that token is
+    # dead, the bot's own token is not, and every other route must go on working.
+    late = interaction(3)
+    sim.read(lambda s: s.rest.expired_tokens.add(late.token))
+    rest = client(sim, state_url)
+    with pytest.raises(RestError) as caught:
+        rest.follow_up(late, "too late")
+    assert (caught.value.status, caught.value.code) == (401, 50027)
+    sent = rest.send_message(CHANNEL, "still allowed")
+    assert sent.content == "still allowed"
+
+
 def test_invalid_request_guard_stops_a_loop_of_403s_before_the_threshold(
     sim: SimulatorThread, state_url: str
 ) -> None:

@@ -106,6 +106,8 @@ class RestSimulator:
         self.reactions: list[tuple[str, str, str]] = []
         self.callbacks: list[JSONDict] = []  # interaction callbacks: id, token, body, at
         self.forbidden_channels: set[str] = set()  # POSTs there answer 403 (Missing Access)
+        # Interaction/webhook tokens past their life: Discord answers 401, code 50027.
+        self.expired_tokens: set[str] = set()
         self.fail_next: deque[int] = deque()  # statuses to answer next (e.g. 502), in order
         self._global: deque[float] = deque()
         self._windows: dict[tuple[str, str], _Window] = {}
@@ -173,6 +175,8 @@ class RestSimulator:
         # Interaction callbacks and token webhooks authenticate by their token, not the bot's.
         if not tokened and headers.get("Authorization") != f"Bot {self.token}":
             return Reply(401, {"message": "401: Unauthorized", "code": 0})
+        if tokened and groups[1] in self.expired_tokens:
+            return Reply(401, {"message": "Invalid Webhook Token", "code": 50027})
         if self.fail_next:
             status = self.fail_next.popleft()
             return Reply(status, {"message": f"{status}: simulated failure", "code": 0})
