@@ -76,7 +76,15 @@ def _data_bytes(payload: dict[str, Any], raw: bytes) -> bytes | None:
     end = len(raw.rstrip())
     if end == 0 or raw[end - 1] != 0x7D:  # "}"
         return None
-    return raw[head.end() : end - 1].rstrip()
+    data = raw[head.end() : end - 1].rstrip()
+    # The cut runs from the first "d" to the end: one JSON value, unless the frame repeats a key
+    # after it ({"d":..,"t":..} or two "d"s), and then it is not JSON at all. A body a worker
+    # cannot decode would be committed and never replayed, so check it once (a C-speed parse).
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return data
 
 
 def _usable_gateway_url(url: object) -> bool:

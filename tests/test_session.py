@@ -666,6 +666,24 @@ def test_dispatch_carries_its_frame_and_the_data_bytes_as_sent() -> None:
     assert isinstance(event, Dispatch) and event.data_json is None
 
 
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b'{"t":"MESSAGE_CREATE","s":2,"op":0,"d":{"id":"1"},"t":"MESSAGE_CREATE"}',
+        b'{"t":"MESSAGE_CREATE","s":2,"op":0,"d":{"id":"1"},"d":{"id":"2"}}',
+    ],
+    ids=["key repeated after d", "d twice"],
+)
+def test_a_frame_repeating_a_key_after_d_is_not_cut(wire: bytes) -> None:
+    # The parser keeps the last value of a repeated key; the cut would run from the first "d"
+    # to the end and be no JSON at all: such a frame's data is serialised from what was parsed.
+    session = connected(make_session())
+    session.receive_frame(wire, 1.0)
+    (event,) = session.events_received()
+    assert isinstance(event, Dispatch) and event.data_json is None
+    assert event.data == orjson.loads(wire)["d"]
+
+
 def identify_once(session: Session, now: float, session_id: str, seq: int = 1) -> str:
     """One connection that identifies; returns the epoch the IDENTIFY began."""
     session.next_connection(now)
