@@ -52,6 +52,14 @@ from ingest.routing import (
 
 log = logging.getLogger("ingest.handlers")
 
+# app.task options Celery applies to each message, not to a function call: a handler given one
+# runs from a message of its own instead of inline in the event's dispatcher task.
+_PER_MESSAGE_OPTIONS: Final = frozenset(
+    {"rate_limit", "time_limit", "soft_time_limit", "expires", "priority", "acks_late"}
+)
+# Eager mode runs retries at once; with max_retries=None this many attempts end the loop.
+EAGER_RETRY_CAP: Final = 100
+
 DEDUPE_KEY_PREFIX: Final = "ingest:dedupe:"
 DEFAULT_DEDUPE_TTL: Final = 3600
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
@@ -206,6 +214,10 @@ class EventDispatcher(EventTask):
                 if exc.sig is None:
                     raise
                 retries += 1
+                # max_retries=None retries for ever on a worker (with backoff); here it would
+                # spin, so an eager test stops after a bounded number and fails instead.
+                if task.max_retries is None and retries >= EAGER_RETRY_CAP:
+                    raise exc.exc if isinstance(exc.exc, BaseException) else exc from None
             else:
                 return
 
@@ -298,7 +310,9 @@ def event_handler(app: Celery) -> On:
                 event=event,
                 task_name=name,
                 queue=own_queue or route.queue,
-                inline=own_queue is None and options.get("rate_limit") is None,
+                # Options Celery applies per message (a rate limit, time limits, expiry,
+                # priority, ack mode) only hold for a handler with a message of its own.
+                inline=own_queue is None and not (options.keys() & _PER_MESSAGE_OPTIONS),
             )
             _handler_queues[name] = handler.queue
             handlers = registry.get(event)

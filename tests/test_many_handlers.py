@@ -411,3 +411,44 @@ def test_a_worker_with_dedupe_and_no_redis_for_it_refuses_to_start() -> None:
         "set INGEST_DEDUPE_URL"
     ]
     assert "Traceback" not in worker.text()
+
+
+# ------------------------------------------------------------------ per-message options
+
+options_app = Celery("options", set_as_current=False)
+options_on = event_handler(options_app)
+
+
+@options_on("MESSAGE_CREATE")
+def plain(message: MessageCreate) -> None:
+    pass
+
+
+@options_on("MESSAGE_CREATE", time_limit=5)
+def bounded(message: MessageCreate) -> None:
+    pass
+
+
+@options_on("MESSAGE_CREATE", autoretry_for=(ValueError,), max_retries=None)
+def never_gives_up(message: MessageCreate) -> None:
+    raise ValueError("still failing")
+
+
+def test_a_handler_with_a_per_message_option_gets_a_message_of_its_own() -> None:
+    # A time limit only holds for a message the worker runs; inline in the dispatcher it would
+    # silently not apply (and hold up every later handler of the event).
+    assert published_tasks(options_app)["MESSAGE_CREATE"] == (
+        ("discord.MESSAGE_CREATE", "discord.MESSAGE_CREATE"),
+        (bounded.name, "discord.MESSAGE_CREATE"),
+    )
+
+
+def test_eager_mode_ends_a_handler_that_retries_for_ever() -> None:
+    options_app.conf.task_always_eager = True
+    options_app.conf.task_eager_propagates = True
+    try:
+        with pytest.raises(ValueError, match="still failing"):
+            options_app.tasks["discord.MESSAGE_CREATE"].delay(sample_message_create(1))
+    finally:
+        options_app.conf.task_always_eager = False
+        options_app.conf.task_eager_propagates = False
