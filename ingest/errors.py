@@ -62,5 +62,10 @@ class RateLimiterUnavailable(RestError):
     """The shared rate limiter (Redis) did not answer; nothing was sent, to stay within limits."""
 
 
+class RateLimitWaitTooLong(RestError):
+    """The limits would hold this request back longer than the caller allows (``max_wait``):
+    raised instead of blocking a worker slot, so the handler can retry later (status 429)."""
+
+
 class InvalidRequestLimit(RestError):
     """Too many 401/403/429 across the bot in 10 minutes: refused locally to avoid an IP ban."""

@@ -22,7 +22,12 @@ from typing import Any, Final
 import redis
 import redis.asyncio
 
-from ingest.errors import InvalidRequestLimit, RateLimiterUnavailable, RestError
+from ingest.errors import (
+    InvalidRequestLimit,
+    RateLimiterUnavailable,
+    RateLimitWaitTooLong,
+    RestError,
+)
 
 log = logging.getLogger("ingest.ratelimit")
 
@@ -42,6 +47,8 @@ UNKNOWN_ROUTE_POLL: Final = 0.01
 MAJOR_PARAMETERS: Final = ("channel_id", "guild_id", "webhook_id")
 # Routes carrying an interaction token answer interactions: not bound by the global limit.
 EXEMPT_PARAMETER: Final = "interaction_token"
+# The longest a request waits for its limits before RateLimitWaitTooLong (seconds).
+DEFAULT_MAX_WAIT: Final = 60.0
 # A second learned reset within this many ms of the known one belongs to the same window.
 SAME_WINDOW_MS: Final = 20
 
@@ -294,7 +301,9 @@ class LimiterCore:
         global_window: float = DEFAULT_GLOBAL_WINDOW,
         invalid_limit: int = DEFAULT_INVALID_LIMIT,
         namespace: str = "",
+        max_wait: float = DEFAULT_MAX_WAIT,
     ) -> None:
+        self.max_wait = max_wait
         # Limits are per bot: the key prefix is a digest of the token, never the token.
         digest = hashlib.sha256(token.encode()).hexdigest()[:16]
         self.prefix = f"ingest:rest:{digest}:{namespace + ':' if namespace else ''}"
@@ -302,6 +311,16 @@ class LimiterCore:
         self.global_window_ms = round(global_window * 1000)
         self.invalid_limit = invalid_limit
         self.invalid_count = 0
+
+    def check_wait(self, key: RouteKey, total: float) -> None:
+        """Refuse a wait past ``max_wait`` rather than hold a worker slot that long (some
+        Discord windows last minutes)."""
+        if total > self.max_wait:
+            raise RateLimitWaitTooLong(
+                f"{key.route}: the rate limits would hold it {total:.1f} s, over the "
+                f"{self.max_wait:g} s allowed (DISCORD_REST_MAX_WAIT); retry later",
+                status=429,
+            )
 
     def admit_args(self, key: RouteKey, request_id: str) -> list[str | int]:
         return [
@@ -582,6 +601,7 @@ class RateLimiter(_Shell):
             if isinstance(outcome, Permit):
                 self.observer.limiter_waited(time.monotonic() - started)
                 return outcome
+            self.core.check_wait(key, time.monotonic() - started + outcome.seconds)
             time.sleep(outcome.seconds)
 
     def learn(self, permit: Permit, limits: Limits | None) -> None:
@@ -632,6 +652,7 @@ class AsyncRateLimiter(_Shell):
             if isinstance(outcome, Permit):
                 self.observer.limiter_waited(time.monotonic() - started)
                 return outcome
+            self.core.check_wait(key, time.monotonic() - started + outcome.seconds)
             await asyncio.sleep(outcome.seconds)
 
     async def learn(self, permit: Permit, limits: Limits | None) -> None:

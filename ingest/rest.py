@@ -29,6 +29,7 @@ from ingest.models import Interaction, Message
 from ingest.ratelimit import (
     DEFAULT_GLOBAL_LIMIT,
     DEFAULT_INVALID_LIMIT,
+    DEFAULT_MAX_WAIT,
     AsyncRateLimiter,
     LimiterCore,
     Limits,
@@ -151,6 +152,7 @@ class Settings:
     state_url: str
     global_limit: int = DEFAULT_GLOBAL_LIMIT
     invalid_limit: int = DEFAULT_INVALID_LIMIT
+    max_wait: float = DEFAULT_MAX_WAIT
     # Off by default: limiting each process alone can exceed the bot's limits N times over.
     local_fallback: bool = False
 
@@ -174,6 +176,7 @@ class Settings:
             state_url=redis_py_url(state_url),
             global_limit=_positive(env, "DISCORD_REST_GLOBAL_LIMIT", DEFAULT_GLOBAL_LIMIT),
             invalid_limit=_positive(env, "DISCORD_REST_INVALID_LIMIT", DEFAULT_INVALID_LIMIT),
+            max_wait=_positive(env, "DISCORD_REST_MAX_WAIT", round(DEFAULT_MAX_WAIT)),
             local_fallback=env.get("DISCORD_REST_LOCAL_FALLBACK", "").strip().lower()
             in ("1", "true", "yes"),
         )
@@ -326,6 +329,7 @@ class Rest:
                 global_limit=settings.global_limit,
                 invalid_limit=settings.invalid_limit,
                 namespace=namespace,
+                max_wait=settings.max_wait,
             )
             fallback = LocalState() if settings.local_fallback else None
             limiter = RateLimiter(client, core, rest_metrics, fallback)
@@ -481,6 +485,7 @@ class AsyncRest:
                 global_limit=settings.global_limit,
                 invalid_limit=settings.invalid_limit,
                 namespace=namespace,
+                max_wait=settings.max_wait,
             )
             fallback = LocalState() if settings.local_fallback else None
             limiter = AsyncRateLimiter(client, core, rest_metrics, fallback)

@@ -16,7 +16,13 @@ from typing import Any
 
 import pytest
 
-from ingest.errors import ConfigError, InvalidRequestLimit, RateLimiterUnavailable, RestError
+from ingest.errors import (
+    ConfigError,
+    InvalidRequestLimit,
+    RateLimiterUnavailable,
+    RateLimitWaitTooLong,
+    RestError,
+)
 from ingest.models import Interaction, Message
 from ingest.ratelimit import LimiterCore, Limits, RateLimiter, RouteKey
 from ingest.rest import AsyncRest, Rest, RestMetrics, Settings, rest_metrics
@@ -151,6 +157,21 @@ def test_sync_and_async_clients_share_one_bucket_without_a_429(
 
     assert statuses(sim) == [200] * 7
     assert 1.9 <= elapsed < 4.0  # three windows: 3 + 3 + 1
+
+
+def test_a_wait_longer_than_max_wait_raises_instead_of_blocking_the_worker(
+    sim: SimulatorThread, state_url: str
+) -> None:
+    # A 10 s window with 1 request: the second would wait ~10 s, over a 0.5 s allowance.
+    sim.read(lambda s: s.rest.configure(message_limit=1, message_period=10.0))
+    rest = client(sim, state_url, max_wait=0.5)
+    rest.send_message(CHANNEL, "first")
+    started = time.monotonic()
+    with pytest.raises(RateLimitWaitTooLong) as caught:
+        rest.send_message(CHANNEL, "second")
+    assert time.monotonic() - started < 0.5
+    assert caught.value.status == 429 and "DISCORD_REST_MAX_WAIT" in str(caught.value)
+    assert statuses(sim) == [200]  # nothing sent, no 429 earned
 
 
 def test_a_global_429_holds_back_every_process_of_the_bot(
