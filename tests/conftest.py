@@ -26,7 +26,7 @@ REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}"
 # Database numbers on the shared Redis, one per test file that flushes or uses fixed queue
 # names (the task queues are always discord.<EVENT>), so files can run at the same time:
 # 5 test_messages, 6 test_handlers, 7 test_publish, 11 test_end_to_end, 12 test_sharding,
-# 9 test_delivery, 10 the recorder app's records (RECORD_DB, a prefix per test),
+# 15 test_deploy, 9 test_delivery, 10 the recorder app's records (RECORD_DB, a prefix per test),
 # 13 test_operations, 14 the benchmark, 8 test_many_handlers, 1 test_gateway_integration
 # (python -m ingest), 2 test_identify_budget, 3 test_rest* (no flush: a fresh namespace per test).
 # Take a free one for a new file and add it here.

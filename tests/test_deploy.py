@@ -43,7 +43,7 @@ from tests.tls_redis import TlsRedis
 
 EVENTS = 1000
 # On the shared test Redis: the handler's record (TLS tests), the broker (buildpack test).
-DEPLOY_DB = 4
+DEPLOY_DB = 15
 EXPECTED = frozenset(int(sample_message_create(i)["id"]) for i in range(EVENTS))
 
 
