@@ -105,8 +105,8 @@ class ShardCommands:
         while self._held:
             head = self._held[0]
             if session.state is not State.CONNECTED:
-                # Reconnecting: hold everything until READY/RESUMED (or the TTL).
-                out.wait = head.deadline - wall_now
+                # Reconnecting: hold everything until READY/RESUMED, or the first TTL to pass.
+                out.wait = min(c.deadline for c in self._held) - wall_now
                 break
             delay = session.send_retry_after(now)
             guild = _full_member_list(head)
@@ -300,6 +300,10 @@ class CommandRelay:
                         await asyncio.wait_for(waker.wait(), max(wait, 0.0))
             except (redis.RedisError, OSError) as exc:
                 throttled(log).warning("shard %d: state Redis error (%r); retrying", shard, exc)
+                await asyncio.sleep(IDLE_POLL)
+            except Exception:
+                # A bug here must not end command delivery for good, nor the gateway.
+                log.exception("shard %d: relaying commands failed; retrying", shard)
                 await asyncio.sleep(IDLE_POLL)
 
     async def _recover(self, pending: str, processing: str) -> int:

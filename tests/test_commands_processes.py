@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from ingest.commands import (
 )
 from ingest.protocol import Opcode
 from ingest.testing import SimulatorThread
+from ingest.testing.processes import free_port
 from tests.support import (
     ROOT,
     Proc,
@@ -111,7 +113,11 @@ def test_commands_from_another_process_reach_the_shard_that_owns_the_guild(
         worker = worker_process(
             {**_env(sim, data_dir, "0-3", 4), **record.env()}, app=CHUNKS_APP, name="worker"
         )
-        low = gateway_process(_env(sim, data_dir, "0-1", 4), name="gateway 0-1")
+        metrics_port = free_port()
+        low = gateway_process(
+            {**_env(sim, data_dir, "0-1", 4), "INGEST_METRICS_PORT": str(metrics_port)},
+            name="gateway 0-1",
+        )
         high = gateway_process(_env(sim, data_dir, "2-3", 4), name="gateway 2-3")
         procs = [low, high, worker]
         try:
@@ -143,6 +149,8 @@ def test_commands_from_another_process_reach_the_shard_that_owns_the_guild(
                 *procs,
             )
             time.sleep(0.5)  # anything sent twice or late would show now
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as page:
+                scraped = page.read().decode()
             commands = sim.commands()
             chunks = {raw.decode() for raw in record.client.smembers(chunks_key)}
             for proc in (low, high):
@@ -165,6 +173,13 @@ def test_commands_from_another_process_reach_the_shard_that_owns_the_guild(
     assert 4008 not in closes
     # Each chunk came back as a task carrying its nonce, from the shard that asked.
     assert chunks == {f"{nonce} {shard_for(i['guild_id'], 4)}" for nonce, i in nonces.items()}
+    # The process of shards 0-1 counts what it received and sent, by op and shard.
+    for op, shard, count in ((8, 0, 10), (8, 1, 10), (3, 0, 1), (3, 1, 1), (4, 1, 1)):
+        for what in ("received", "sent"):
+            line = f'discord_ingest_commands_{what}_total{{op="{op}",shard="{shard}"}} {count}.0'
+            assert line in scraped.splitlines(), line
+    assert "discord_ingest_command_wait_seconds_count 23.0" in scraped.splitlines()
+    assert "discord_ingest_commands_expired_total{op=" not in scraped
     latencies = [c.time - nonces[c.data["nonce"]]["issued_at"] for c in member_requests]
     measured(
         f"issue->sent latency of 40 member requests over 2 processes: p50 "
