@@ -71,7 +71,9 @@ def state_url_from_env(env: Mapping[str, str]) -> str | None:
     """The Redis every process of the bot shares state in (REST limits, gateway commands), in
     redis-py's spelling: ``INGEST_STATE_URL``, else the broker if it is a Redis (the embedded
     one included), else None."""
-    return state_url_of(env.get("INGEST_STATE_URL", "").strip() or None, broker_url_from_env(env))
+    state_url = env.get("INGEST_STATE_URL", "").strip()
+    # Only asked for when needed: asking may start the embedded broker.
+    return state_url_of(state_url, "" if state_url else broker_url_from_env(env))
 
 
 def state_url_of(state_url: str | None, broker_url: str) -> str | None:

@@ -237,6 +237,16 @@ class Commands:
         d = checked_payload(op, d)
         if ttl <= 0:
             raise CommandError(f"ttl must be positive, got {ttl}")
+        try:
+            self._queue(op, d, guild_id, shard_id, ttl)
+        except redis.RedisError as exc:
+            raise CommandError(
+                f"op {op} not queued: the state Redis did not answer ({exc})"
+            ) from exc
+
+    def _queue(
+        self, op: int, d: Any, guild_id: int | None, shard_id: int | None, ttl: float
+    ) -> None:
         count = self.shard_count()
         if shard_id is not None:
             if not 0 <= shard_id < count:

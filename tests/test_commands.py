@@ -269,3 +269,9 @@ def test_commands_are_queued_for_the_shard_that_owns_the_guild(
     assert queued[owner][-1]["d"]["nonce"] == nonce and len(nonce) == 32
     for shard in set(range(4)) - {owner}:
         assert [(c["op"], c["d"]["status"]) for c in queued[shard]] == [(3, "idle")]
+
+
+def test_an_unreachable_state_redis_is_a_command_error_not_a_silent_loss() -> None:
+    unreachable = Commands(redis.Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=1))
+    with pytest.raises(CommandError, match="not queued: the state Redis did not answer"):
+        unreachable.update_presence(status="dnd")
