@@ -88,6 +88,10 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str, *procs: Proc
         time.sleep(0.05)
 
 
+def _heartbeats(sim: SimulatorThread) -> int:
+    return sum(len(session.heartbeats) for session in sim.sessions.values())
+
+
 def _p99(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
@@ -195,7 +199,11 @@ def test_a_burst_of_500_commands_to_one_shard_queues_in_the_budget_and_survives_
     state_redis: redis.Redis, measured: Callable[[str], None]
 ) -> None:
     guild_id = 1 << 22
-    with SimulatorThread(shard_count=1) as sim, short_tempdir() as data_dir:
+    # Beats every 2 s, so some fall while the budget is spent (Discord's 41 s would not).
+    with (
+        SimulatorThread(shard_count=1, heartbeat_interval_ms=2000) as sim,
+        short_tempdir() as data_dir,
+    ):
         env = _env(sim, data_dir, "0", 1)
         first = gateway_process(env, name="gateway")
         second: Proc | None = None
@@ -215,11 +223,13 @@ def test_a_burst_of_500_commands_to_one_shard_queues_in_the_budget_and_survives_
             # IDENTIFY and heartbeats share the 120; 5 slots stay free for heartbeats.
             _wait(lambda: len(requests()) >= 110, 20, "the first window's commands", first)
             burst_seconds = time.monotonic() - started
-            time.sleep(2.0)  # the budget is spent: nothing more may go out
+            beats_before = _heartbeats(sim)
+            time.sleep(3.0)  # the budget is spent: nothing more may go out, but heartbeats do
             sent_first = requests()
+            assert _heartbeats(sim) - beats_before >= 1
             assert 110 <= len(sent_first) <= 114
             assert sim.ready_shards() == [0]  # still connected: no 4008, no reconnect
-            assert _close_codes(sim) == [None]
+            assert _close_codes(sim) == [None] and sim.connections_opened == 1
             held = state_redis.llen(pending_key(0, 1)) + state_redis.llen(processing_key(0, 1))
             assert held == 500 - len(sent_first)
 
