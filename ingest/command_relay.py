@@ -127,6 +127,13 @@ class ShardCommands:
                 out.invalid.append(head)
                 continue
             if guild is not None:
+                if len(self._full_lists) > MAX_HELD:
+                    # Only the last 30 s matter: forget the rest rather than grow forever.
+                    self._full_lists = {
+                        g: at
+                        for g, at in self._full_lists.items()
+                        if now - at < GUILD_MEMBERS_INTERVAL
+                    }
                 self._full_lists[guild] = now
             out.sent.append(head)
         return out
@@ -293,7 +300,7 @@ class CommandRelay:
                 self.metrics.count("expired", shard, pumped.expired)
                 self.metrics.count("invalid", shard, pumped.invalid)
                 finished = pumped.sent + pumped.expired + pumped.invalid
-                await self._done(processing, [c.raw for c in finished])
+                await self._done_even_if_cancelled(processing, [c.raw for c in finished])
                 if held:
                     wait = IDLE_POLL if pumped.wait is None else min(pumped.wait, IDLE_POLL)
                     with contextlib.suppress(TimeoutError):
@@ -331,6 +338,16 @@ class CommandRelay:
         for _ in range(min(TAKE_BATCH, room - len(first))):
             pipe.lmove(pending, processing, "RIGHT", "LEFT")
         return first + [raw for raw in await pipe.execute() if raw is not None]
+
+    async def _done_even_if_cancelled(self, processing: str, raws: list[bytes]) -> None:
+        """A stop (SIGTERM) must not leave a sent command where the next owner would resend it."""
+        removal = asyncio.ensure_future(self._done(processing, raws))
+        try:
+            await asyncio.shield(removal)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await removal
+            raise
 
     async def _done(self, processing: str, raws: list[bytes]) -> None:
         if not raws:
