@@ -196,6 +196,18 @@ class CommandMetrics:
 # ---------------------------------------------------------------------------------------------
 # The shell
 
+# Up to ARGV[1] commands from the head of the queue onto the processing list, in one round trip
+# that stops at the first empty pop.
+_TAKE_SCRIPT: Final = """
+local taken = {}
+for _ = 1, tonumber(ARGV[1]) do
+  local command = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+  if not command then break end
+  taken[#taken + 1] = command
+end
+return taken
+"""
+
 
 def redis_client(url: str) -> redis.asyncio.Redis:
     """The one place the relay builds its Redis client (TLS and friends belong here)."""
@@ -334,10 +346,9 @@ class CommandRelay:
             first: list[bytes] = [raw if isinstance(raw, bytes) else raw.encode()]
         else:
             first = []
-        pipe = self._redis.pipeline(transaction=False)
-        for _ in range(min(TAKE_BATCH, room - len(first))):
-            pipe.lmove(pending, processing, "RIGHT", "LEFT")
-        return first + [raw for raw in await pipe.execute() if raw is not None]
+        more = min(TAKE_BATCH, room - len(first))
+        taken = await self._redis.eval(_TAKE_SCRIPT, 2, pending, processing, str(more))
+        return first + list(taken)
 
     async def _done_even_if_cancelled(self, processing: str, raws: list[bytes]) -> None:
         """A stop (SIGTERM) must not leave a sent command where the next owner would resend it."""
