@@ -273,6 +273,8 @@ class CommandRelay:
         pending = pending_key(shard, self.shard_count, self.prefix)
         processing = processing_key(shard, self.shard_count, self.prefix)
         recovered = False
+        # Sent or dropped, still to remove from the processing list (kept across Redis errors).
+        finished: list[bytes] = []
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -289,11 +291,13 @@ class CommandRelay:
                         command = decode_command(raw)
                     except ValueError as exc:
                         throttled(log).warning("shard %d: dropped a queue entry: %s", shard, exc)
-                        await self._done(processing, [raw])
+                        finished.append(raw)
                         continue
                     self.metrics.count("received", shard, [command])
                     held.push(command)
                 if not held:
+                    await self._done_even_if_cancelled(processing, list(finished))
+                    finished.clear()
                     continue
                 waker.clear()
                 pumped = held.pump(gateway.session, loop.time(), time.time())
@@ -311,8 +315,9 @@ class CommandRelay:
                 self.metrics.count("sent", shard, pumped.sent)
                 self.metrics.count("expired", shard, pumped.expired)
                 self.metrics.count("invalid", shard, pumped.invalid)
-                finished = pumped.sent + pumped.expired + pumped.invalid
-                await self._done_even_if_cancelled(processing, [c.raw for c in finished])
+                finished += [c.raw for c in pumped.sent + pumped.expired + pumped.invalid]
+                await self._done_even_if_cancelled(processing, list(finished))
+                finished.clear()
                 if held:
                     wait = IDLE_POLL if pumped.wait is None else min(pumped.wait, IDLE_POLL)
                     with contextlib.suppress(TimeoutError):
