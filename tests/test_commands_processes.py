@@ -246,6 +246,8 @@ def test_a_burst_of_500_commands_to_one_shard_queues_in_the_budget_and_survives_
             _wait(lambda: len(requests()) >= len(sent_first) + 110, 20, "the next window", second)
             time.sleep(1.0)
             sent = requests()
+            # What the killed process had taken went back to the head of the queue, in order.
+            assert any("re-queued" in line for line in second.output()), second.text()
             assert second.stop() == 0, second.text()
         finally:
             first.kill()
