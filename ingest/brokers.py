@@ -113,6 +113,21 @@ class _ExplainRedisErrors(logging.Filter):
         return True
 
 
+def state_url_from_env(env: Mapping[str, str]) -> str | None:
+    """The Redis every process of the bot shares state in (REST limits, gateway commands), in
+    redis-py's spelling: ``INGEST_STATE_URL``, else the broker if it is a Redis (the embedded
+    one included), else None."""
+    state_url = env.get("INGEST_STATE_URL", "").strip()
+    # Only asked for when needed: asking may start the embedded broker.
+    return state_url_of(state_url, "" if state_url else broker_url_from_env(env))
+
+
+def state_url_of(state_url: str | None, broker_url: str) -> str | None:
+    """``state_url_from_env`` for settings already read (``INGEST_STATE_URL``, the broker)."""
+    url = state_url or broker_url
+    return redis_py_url(url) if is_redis_url(url) else None
+
+
 def ensure_broker_running(url: str) -> None:
     """Start the embedded broker if ``url`` is one (a no-op for any other broker)."""
     parts = urlsplit(url)

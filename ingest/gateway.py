@@ -232,6 +232,10 @@ class Gateway:
         self._session.request_guild_members(loop.time(), **kwargs)
         self._flush()
 
+    def send_queued(self) -> None:
+        """Hand the socket what was queued on ``session`` directly (``session.send``)."""
+        self._flush()
+
     async def _send_with(self, command: Callable[[float], None]) -> None:
         loop = asyncio.get_running_loop()
         while True:

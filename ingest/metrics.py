@@ -71,6 +71,8 @@ class Metrics:
         self.identify_budget_remaining: int | None = None
         # (events, bytes) held for the broker, read at scrape time from the pipeline.
         self.buffered: Callable[[], tuple[int, int]] | None = None
+        # Other collectors of the process (e.g. gateway commands), scraped with these.
+        self.collectors: list[Any] = []
 
     # -- hot path ------------------------------------------------------------------------------
 
@@ -215,6 +217,8 @@ class Metrics:
                 "session_start_limit.remaining at start",
                 value=self.identify_budget_remaining,
             )
+        for collector in self.collectors:
+            yield from collector.collect()
         yield CounterMetricFamily(
             "discord_ingest_log_warnings_suppressed",
             "Repeated warnings counted instead of logged (rate limit)",

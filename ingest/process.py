@@ -13,7 +13,8 @@ import signal
 import sys
 from typing import Any
 
-from ingest.brokers import is_redis_url, redis_py_url
+from ingest.brokers import is_redis_url, redis_py_url, state_url_of
+from ingest.command_relay import CommandRelay
 from ingest.config import Config
 from ingest.discovery import fetch_gateway_bot
 from ingest.errors import BrokerUnavailable, ConfigError, FatalGatewayError, RestError
@@ -74,6 +75,7 @@ class GatewayProcess:
         self.identify_scheduler: IdentifyScheduler | None = None
         self._problem_shards: set[int] = set()
         self._reports: set[asyncio.Future[None]] = set()
+        self.relay: CommandRelay | None = None
 
     def request_shutdown(self) -> None:
         log.info("shutdown requested")
@@ -212,6 +214,15 @@ class GatewayProcess:
                 ),
             )
 
+        # Gateway commands from workers (ingest.commands) come through the state Redis.
+        commands_url = state_url_of(config.state_url, config.broker_url)
+        relaying: asyncio.Task[None] | None = None
+        if commands_url is None:
+            log.info("gateway commands off: they need a Redis (INGEST_STATE_URL)")
+        else:
+            self.relay = CommandRelay(commands_url, shard_count, self.gateways)
+            self.metrics.collectors.append(self.relay.metrics)
+            relaying = asyncio.create_task(self.relay.run(), name="commands")
         publishing = asyncio.create_task(pipeline.run(), name="pipeline")
         shards = {
             asyncio.create_task(g.run(), name=f"shard-{g.shard_id}"): g for g in self.gateways
@@ -235,6 +246,10 @@ class GatewayProcess:
                     fatal = task.exception()
             if stop in done or fatal is not None:
                 break
+        if relaying is not None:
+            # Commands it took and did not send stay in Redis: the next owner sends them.
+            relaying.cancel()
+            await asyncio.wait({relaying}, timeout=5)
         await self._stop(shards, publishing, publisher)
         if fatal is not None:
             raise fatal
@@ -314,6 +329,8 @@ class GatewayProcess:
                 f"{event.close_code}): check DISCORD_TOKEN and DISCORD_INTENTS",
             )
         if isinstance(event, SessionStarted | SessionResumed):
+            if self.relay is not None:
+                self.relay.shard_connected(gateway.shard_id)
             if gateway.shard_id in self._problem_shards:
                 self._problem_shards.discard(gateway.shard_id)
                 self._report_problem(gateway, None)

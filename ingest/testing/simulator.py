@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover - zstandard is installed in the project 
 
 __all__ = [
     "SAMPLE_GENERATORS",
+    "CommandRecord",
     "ConnectionRecord",
     "GatewaySimulator",
     "IdentifyRecord",
@@ -131,6 +132,16 @@ class ResumeRecord:
     accepted: bool
     replayed: int  # dispatches replayed before RESUMED
     path: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRecord:
+    """A command (op 3, 4, 8, 31) an identified connection sent, and which shard it came on."""
+
+    time: float  # time.time(), comparable with a caller's issue time in another process
+    shard_id: int
+    op: int
+    data: Any
 
 
 @dataclass(slots=True)
@@ -476,6 +487,7 @@ class GatewaySimulator:
         self.invalid_identifies: list[IdentifyViolation] = []
         self.sessions: dict[str, Session] = {}
         self.received: list[JSONDict] = []
+        self.commands: list[CommandRecord] = []
         self.connections: list[ConnectionRecord] = []
         self.connections_opened = 0
         self.zombie = False
@@ -942,9 +954,12 @@ class GatewaySimulator:
             if conn.authenticated:
                 return CloseCode.ALREADY_AUTHENTICATED
             return await self._resume(conn, data)
-        if not conn.authenticated:
+        if not conn.authenticated or conn.session is None:
             return CloseCode.NOT_AUTHENTICATED
-        return None  # presence, voice, member requests: accepted and recorded only
+        self.commands.append(CommandRecord(time.time(), conn.session.shard_id, op, data))
+        if op == Opcode.REQUEST_GUILD_MEMBERS and isinstance(data, dict):
+            await self._dispatch(conn.session, "GUILD_MEMBERS_CHUNK", _members_chunk(data))
+        return None  # presence, voice: accepted and recorded only
 
     async def _identify(self, conn: _Connection, data: Any) -> CloseCode | None:
         if not isinstance(data, dict):
@@ -1100,6 +1115,31 @@ class GatewaySimulator:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _members_chunk(request: JSONDict) -> bytes:
+    """One GUILD_MEMBERS_CHUNK answering an op 8: a member per requested id (or up to
+    ``limit`` for a query), the nonce echoed as Discord does."""
+    user_ids = request.get("user_ids")
+    if isinstance(user_ids, list):
+        members: list[JSONDict] = []
+        for user_id in user_ids[:100]:
+            member = _member(len(members), with_user=True)
+            member["user"]["id"] = str(user_id)
+            members.append(member)
+    else:
+        limit = request.get("limit")
+        count = min(limit, 100) if isinstance(limit, int) and limit > 0 else 3
+        members = [_member(i, with_user=True) for i in range(count)]
+    chunk: JSONDict = {
+        "guild_id": request.get("guild_id"),
+        "members": members,
+        "chunk_index": 0,
+        "chunk_count": 1,
+    }
+    if isinstance(request.get("nonce"), str):
+        chunk["nonce"] = request["nonce"]
+    return orjson.dumps(chunk)
 
 
 def _redacted(payload: JSONDict) -> JSONDict:
@@ -1286,6 +1326,12 @@ class SimulatorThread:
     @property
     def received(self) -> list[JSONDict]:
         return self.read(lambda sim: list(sim.received))
+
+    def commands(self, shard_id: int | None = None) -> list[CommandRecord]:
+        """Commands received (op 3, 4, 8, 31), of one shard or all, in arrival order."""
+        return self.read(
+            lambda sim: [c for c in sim.commands if shard_id is None or c.shard_id == shard_id]
+        )
 
     @property
     def connections_opened(self) -> int:
