@@ -15,6 +15,7 @@ import pytest
 import redis
 from celery import Celery
 
+from ingest.ages import AGE_BUCKETS, start_ages
 from ingest.errors import ConfigError
 from ingest.handlers import current_event, event_handler
 from ingest.interactions import DEFAULT_BUDGET, budget_of
@@ -169,3 +170,25 @@ def test_auto_defer_slow_handler_gets_one_deferral_then_its_follow_up_fast_one_n
     assert follow_ups(sim, "answer to fast") == []  # answered by its callback, not a follow-up
     # Deferred after the 2 s budget and well inside Discord's 3 s (sim clock is monotonic too).
     assert 1.9 <= deferred_at[0] - emitted < 2.9
+
+
+def test_each_handler_start_is_observed_as_its_age_since_receipt() -> None:
+    app = Celery("ages", set_as_current=False)
+    app.conf.task_always_eager = True
+    app.conf.task_eager_propagates = True
+
+    @event_handler(app)("TYPING_START")
+    def handler(data: dict[str, Any]) -> None:
+        pass
+
+    before = list(start_ages.buckets.get("TYPING_START", [0] * (len(AGE_BUCKETS) + 1)))
+    received = int((time.time() - 0.3) * 1_000_000)  # 300 ms ago, at the gateway
+    handler.apply(args=[{}], headers={HEADER_RECEIVED_AT: received})
+    after = start_ages.buckets["TYPING_START"]
+    changed = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
+    assert changed == [AGE_BUCKETS.index(0.5)]  # 0.25 < 0.3 s <= 0.5
+    assert any(
+        sample.labels.get("event") == "TYPING_START"
+        for family in start_ages.collect()
+        for sample in family.samples
+    )

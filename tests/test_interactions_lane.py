@@ -112,8 +112,7 @@ def test_interactions_start_within_1s_behind_a_backlog_of_slow_messages() -> Non
             )
             deadline = time.monotonic() + 30
             while (
-                client.hlen(f"{prefix}interactions") < INTERACTIONS
-                and time.monotonic() < deadline
+                client.hlen(f"{prefix}interactions") < INTERACTIONS and time.monotonic() < deadline
             ):
                 time.sleep(0.05)
             started = client.hgetall(f"{prefix}interactions")
