@@ -22,6 +22,7 @@ from ingest.interactions import DEFAULT_BUDGET, budget_of
 from ingest.messages import HEADER_RECEIVED_AT
 from ingest.models import Interaction
 from ingest.rest import Rest, Settings
+from ingest.routing import FAST_QUEUE, fast_events, route_for
 from ingest.testing import SimulatorThread
 from tests.support import base_env, gateway_process, redis_url, worker_process
 
@@ -192,3 +193,33 @@ def test_each_handler_start_is_observed_as_its_age_since_receipt() -> None:
         for family in start_ages.collect()
         for sample in family.samples
     )
+
+
+def test_fast_lane_holds_interactions_by_default_and_what_INGEST_FAST_EVENTS_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def queues() -> tuple[str, str, str]:
+        route_for.cache_clear()
+        fast_events.cache_clear()
+        return tuple(  # type: ignore[return-value]
+            route_for(event).queue
+            for event in ("INTERACTION_CREATE", "AUTO_MODERATION_ACTION_EXECUTION", "READY")
+        )
+
+    try:
+        monkeypatch.delenv("INGEST_FAST_EVENTS", raising=False)
+        assert queues() == (FAST_QUEUE, "discord.AUTO_MODERATION_ACTION_EXECUTION", "discord.READY")
+        monkeypatch.setenv(
+            "INGEST_FAST_EVENTS", "INTERACTION_CREATE, AUTO_MODERATION_ACTION_EXECUTION"
+        )
+        assert queues() == (FAST_QUEUE, FAST_QUEUE, "discord.READY")
+        monkeypatch.setenv("INGEST_FAST_EVENTS", "-")
+        assert queues() == (
+            "discord.INTERACTION_CREATE",
+            "discord.AUTO_MODERATION_ACTION_EXECUTION",
+            "discord.READY",
+        )
+    finally:
+        monkeypatch.undo()
+        route_for.cache_clear()
+        fast_events.cache_clear()
