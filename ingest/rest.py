@@ -515,6 +515,7 @@ class AsyncRest:
             fallback = LocalState() if settings.local_fallback else None
             limiter = AsyncRateLimiter(client, core, rest_metrics, fallback)
         self.limiter = limiter
+        self.initial_responses = InitialResponses(settings.state_url, namespace)
         self._http = httpx.AsyncClient(
             base_url=self.api_url, headers=_headers(settings.token), timeout=timeout
         )
@@ -598,14 +599,35 @@ class AsyncRest:
     async def respond(
         self, interaction: Interaction, content: str | None = None, **data: Any
     ) -> None:
-        await self._callback(interaction, CHANNEL_MESSAGE_WITH_SOURCE, _message_body(content, data))
+        # The same coordination as Rest.respond; its few Redis calls run in a thread.
+        initial = self.initial_responses
+        if await asyncio.to_thread(initial.claim, interaction.id, RESPONDED):
+            try:
+                await self._callback(
+                    interaction, CHANNEL_MESSAGE_WITH_SOURCE, _message_body(content, data)
+                )
+            except BaseException:
+                await asyncio.to_thread(initial.release, interaction.id)
+                raise
+            return
+        await asyncio.to_thread(initial.wait_deferred, interaction.id)
+        await self.follow_up(interaction, content, **data)
 
-    async def defer(self, interaction: Interaction, *, ephemeral: bool = False) -> None:
-        await self._callback(
-            interaction,
-            DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE,
-            {"flags": EPHEMERAL} if ephemeral else {},
-        )
+    async def defer(self, interaction: Interaction, *, ephemeral: bool = False) -> bool:
+        initial = self.initial_responses
+        if not await asyncio.to_thread(initial.claim, interaction.id, DEFERRING):
+            return False
+        try:
+            await self._callback(
+                interaction,
+                DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE,
+                {"flags": EPHEMERAL} if ephemeral else {},
+            )
+        except BaseException:
+            await asyncio.to_thread(initial.release, interaction.id)
+            raise
+        await asyncio.to_thread(initial.mark, interaction.id, DEFERRED)
+        return True
 
     async def follow_up(
         self, interaction: Interaction, content: str | None = None, **fields: Any

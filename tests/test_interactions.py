@@ -6,6 +6,7 @@ worker of the test's own app (tests/apps/interactions.py) -> REST back to the si
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from ingest.handlers import current_event, event_handler
 from ingest.interactions import DEFAULT_BUDGET, budget_of
 from ingest.messages import HEADER_RECEIVED_AT
 from ingest.models import Interaction
-from ingest.rest import Rest, Settings
+from ingest.rest import AsyncRest, Rest, Settings
 from ingest.routing import FAST_QUEUE, fast_events, route_for
 from ingest.testing import SimulatorThread
 from tests.support import base_env, gateway_process, redis_url, worker_process
@@ -223,3 +224,27 @@ def test_fast_lane_holds_interactions_by_default_and_what_INGEST_FAST_EVENTS_nam
         monkeypatch.undo()
         route_for.cache_clear()
         fast_events.cache_clear()
+
+
+def test_async_client_shares_the_one_initial_response_with_the_sync_one(
+    sim: SimulatorThread,
+) -> None:
+    settings = Settings(token=TOKEN, api_url=sim.api_url, state_url=redis_url(REDIS_DB))
+    namespace = uuid.uuid4().hex
+    deferred = Interaction.model_validate(interaction_payload("c"))
+    answered = Interaction.model_validate(interaction_payload("d"))
+
+    async def main() -> bool:
+        async with AsyncRest(settings, namespace=namespace) as rest:
+            await rest.respond(deferred, "async after the deferral")
+            await rest.respond(answered, "async at once")
+            return await rest.defer(deferred)
+
+    with Rest(settings, namespace=namespace) as rest:
+        assert rest.defer(deferred) is True
+        assert asyncio.run(main()) is False
+        assert rest.defer(answered) is False
+
+    assert callbacks(sim, str(deferred.id)) == [5]
+    assert follow_ups(sim, "async after the deferral") == ["async after the deferral"]
+    assert callbacks(sim, str(answered.id)) == [4]
