@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import weakref
 from collections import Counter
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from celery.exceptions import Ignore, Retry  # type: ignore[import-untyped]
 from celery.signals import celeryd_init  # type: ignore[import-untyped]
 from kombu.entity import Exchange, Queue
 
+from ingest import interactions
+from ingest.ages import start_ages
 from ingest.brokers import (
     REDIS_SCHEMES,
     ensure_broker_running,
@@ -37,6 +40,7 @@ from ingest.errors import ConfigError
 from ingest.logs import connect_worker_logging
 from ingest.messages import (
     HEADER_EVENT,
+    HEADER_RECEIVED_AT,
     HEADER_SEQUENCE,
     HEADER_SESSION_ID,
     HEADER_SHARD_ID,
@@ -78,6 +82,8 @@ class EventContext:
     sequence: int | None
     session_id: str | None
     task_id: str | None
+    # Wall-clock epoch seconds when the gateway read the event's frame.
+    received_at: float | None = None
 
 
 class EventTask(Task):  # type: ignore[misc]  # celery ships no type information
@@ -101,6 +107,8 @@ class EventTask(Task):  # type: ignore[misc]  # celery ships no type information
 
     # Per process; a metrics exporter or a test reads it.
     duplicates_suppressed: ClassVar[int] = 0
+    # Seconds from receipt to deferral (``@on(..., auto_defer=True)``), None: off.
+    auto_defer: float | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request_stack.top
@@ -115,8 +123,17 @@ class EventTask(Task):  # type: ignore[misc]  # celery ships no type information
             EventTask.duplicates_suppressed += 1
             log.info("duplicate suppressed: %s[%s]", self.name, request.id)
             return None
+        received_at = _received_at(request)
+        event = event_of_task(self.name)
+        if received_at is not None and event is not None:
+            age = time.time() - received_at
+            start_ages.observe(event, age)
+            log.debug("%s[%s] starts, age %.1f ms", self.name, request.id, age * 1000)
         try:
-            result = self.run(*args, **kwargs)
+            if self.auto_defer is not None and args:
+                result = self._run_auto_deferring(received_at, args, kwargs)
+            else:
+                result = self.run(*args, **kwargs)
         except Retry:
             # Its retry message is on its way and will run it (request.retries > 0 passes
             # the claim); keep the claim so a replay meanwhile does not run it a second time.
@@ -130,6 +147,26 @@ class EventTask(Task):  # type: ignore[misc]  # celery ships no type information
             # After any successful run, first attempt or retry: a replay must find it done.
             dedupe.done(request.id)
         return result
+
+    def _run_auto_deferring(
+        self, received_at: float | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        from ingest.models import Interaction
+        from ingest.rest import rest_client
+
+        assert self.auto_defer is not None
+        interaction = Interaction.model_validate(args[0])
+        timer = interactions.AutoDefer(
+            interaction, self.auto_defer, received_at, lambda i: rest_client().defer(i)
+        )
+        with timer:
+            return self.run(*args, **kwargs)
+
+
+def _received_at(request: Any) -> float | None:
+    headers: dict[str, Any] = request.headers or {}
+    micros = headers.get(HEADER_RECEIVED_AT, getattr(request, HEADER_RECEIVED_AT, None))
+    return micros / 1_000_000 if isinstance(micros, int) and micros > 0 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +329,10 @@ def event_handler(app: Celery) -> On:
     def on(event: str, **options: Any) -> Callable[[Callable[..., object]], Any]:
         route = route_for(event)
         own_queue: str | None = options.pop("queue", None)
+        # Checked here: a wrong budget fails at import, not at the first interaction.
+        auto_defer = interactions.budget_of(options.pop("auto_defer", None))
+        if auto_defer is not None:
+            options["auto_defer"] = auto_defer
 
         def register(function: Callable[..., object]) -> Any:
             name = handler_task_name(event, f"{function.__module__}.{function.__qualname__}")
@@ -381,6 +422,7 @@ def current_event() -> EventContext:
         sequence=field(HEADER_SEQUENCE),
         session_id=field(HEADER_SESSION_ID),
         task_id=request.id,
+        received_at=_received_at(request),
     )
 
 

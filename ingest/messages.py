@@ -36,7 +36,17 @@ HEADER_SHARD_ID: Final = "discord_shard_id"
 HEADER_SEQUENCE: Final = "discord_sequence"
 HEADER_SESSION_ID: Final = "discord_session_id"
 HEADER_EVENT: Final = "discord_event"
-DISCORD_HEADERS: Final = (HEADER_SHARD_ID, HEADER_SEQUENCE, HEADER_SESSION_ID, HEADER_EVENT)
+# When the gateway read the frame, in wall-clock epoch microseconds: a worker knows the event's
+# age at handler start (an interaction must be answered within 3 s of it). An integer, since
+# AMQP tables (pamqp) carry a Python float as 32 bits: minutes of resolution at today's epoch.
+HEADER_RECEIVED_AT: Final = "discord_received_at_us"
+DISCORD_HEADERS: Final = (
+    HEADER_SHARD_ID,
+    HEADER_SEQUENCE,
+    HEADER_SESSION_ID,
+    HEADER_EVENT,
+    HEADER_RECEIVED_AT,
+)
 
 CONTENT_TYPE: Final = "application/json"
 CONTENT_ENCODING: Final = "utf-8"
@@ -59,6 +69,7 @@ class TaskMessage:
 
     __slots__ = (
         "_headers",
+        "_received_at",
         "_route",
         "_sequence",
         "_session_id",
@@ -81,6 +92,7 @@ class TaskMessage:
         _shard_id: int = 0,
         _sequence: int = 0,
         _session_id: str = "",
+        _received_at: int = 0,
     ) -> None:
         if headers is None and _route is None:
             raise TypeError("TaskMessage needs headers")
@@ -93,6 +105,7 @@ class TaskMessage:
         self._shard_id = _shard_id
         self._sequence = _sequence
         self._session_id = _session_id
+        self._received_at = _received_at
 
     @property
     def headers(self) -> dict[str, Any]:
@@ -109,6 +122,7 @@ class TaskMessage:
                 shard_id=self._shard_id,
                 sequence=self._sequence,
                 session_id=self._session_id,
+                received_at=self._received_at,
             )
         return headers
 
@@ -197,6 +211,7 @@ def _headers(
     shard_id: int,
     sequence: int | None,
     session_id: str,
+    received_at: int | None = None,
 ) -> dict[str, Any]:
     # Mirrors celery 5.7 ``AMQP.as_task_v2``, key for key, so nothing in the worker sees a
     # difference from ``send_task``; results are never stored (nobody waits on an event).
@@ -224,6 +239,7 @@ def _headers(
         HEADER_SEQUENCE: sequence,
         HEADER_SESSION_ID: session_id,
         HEADER_EVENT: event,
+        HEADER_RECEIVED_AT: received_at,
     }
 
 
@@ -236,6 +252,7 @@ _P_SIZE: Final = "\x01\x01SIZE\x01\x01"
 _P_SHARD: Final = "\x01\x01SHARD\x01\x01"
 _P_SEQUENCE: Final = "\x01\x01SEQUENCE\x01\x01"
 _P_SESSION: Final = "\x01\x01SESSION\x01\x01"
+_P_RECEIVED: Final = "\x01\x01RECEIVED\x01\x01"
 _P_BODY: Final = "\x01\x01BODY\x01\x01"
 _P_TAG: Final = "\x01\x01TAG\x01\x01"
 
@@ -288,6 +305,7 @@ class _Route:
         headers[HEADER_SHARD_ID] = _P_SHARD
         headers[HEADER_SEQUENCE] = _P_SEQUENCE
         headers[HEADER_SESSION_ID] = _P_SESSION
+        headers[HEADER_RECEIVED_AT] = _P_RECEIVED
         return headers
 
     def _redis_pieces(self) -> list[bytes]:
@@ -313,6 +331,7 @@ class _Route:
             p(_P_SHARD, quoted=True),
             p(_P_SEQUENCE, quoted=True),
             p(_P_SESSION, quoted=True),
+            p(_P_RECEIVED, quoted=True),
             p(_P_CORRELATION_ID),
             p(_P_TAG),
         )
@@ -330,6 +349,7 @@ class _Route:
         return _cut(
             encoded,
             item(headers["argsrepr"]),
+            item(_P_RECEIVED),
             item(_P_SEQUENCE),
             item(_P_SESSION),
             item(_P_SHARD),
@@ -356,8 +376,12 @@ def build_event_message(
     sequence: int,
     session_id: str,
     epoch: str = "",
+    received_at: float = 0.0,
 ) -> TaskMessage:
-    """The task message for dispatch ``event`` whose ``d`` is already the JSON ``data_json``."""
+    """The task message for dispatch ``event`` whose ``d`` is already the JSON ``data_json``.
+
+    ``received_at``: ``time.time()`` when the gateway read the frame (sent in microseconds).
+    """
     route = _ROUTES.get(event) or _route(event)
     return TaskMessage(
         route.task_name,
@@ -369,6 +393,7 @@ def build_event_message(
         _shard_id=shard_id,
         _sequence=sequence,
         _session_id=session_id,
+        _received_at=int(received_at * 1_000_000),
     )
 
 
@@ -403,6 +428,7 @@ def build_handler_message(message: TaskMessage, task_name: str, queue: str) -> T
         _shard_id=message._shard_id,
         _sequence=message._sequence,
         _session_id=message._session_id,
+        _received_at=message._received_at,
     )
 
 
@@ -552,10 +578,12 @@ def redis_envelope(message: TaskMessage) -> bytes:
             p[6],
             session_json,
             p[7],
-            task_id,
+            b"%d" % message._received_at,
             p[8],
-            unique_ids.next(),
+            task_id,
             p[9],
+            unique_ids.next(),
+            p[10],
         )
     )
 
@@ -583,18 +611,20 @@ def amqp_header_table(message: TaskMessage) -> bytes:
             _LONGSTR.pack(len(argsrepr)),
             argsrepr,
             p[1],
-            _TABLE_INTEGER(message._sequence),
+            _TABLE_INTEGER(message._received_at),
             p[2],
+            _TABLE_INTEGER(message._sequence),
+            p[3],
             b"S",
             _LONGSTR.pack(len(session)),
             session,
-            p[3],
-            _TABLE_INTEGER(message._shard_id),
             p[4],
-            task_id_item,
+            _TABLE_INTEGER(message._shard_id),
             p[5],
             task_id_item,
             p[6],
+            task_id_item,
+            p[7],
         )
     )
     return _LONGSTR.pack(len(items)) + items

@@ -195,6 +195,9 @@ class Pipeline:
             sequence=dispatch.sequence,
             session_id=session_id,
             epoch=dispatch.epoch,
+            # Wall clock, not monotonic: a worker on another machine compares it with its own.
+            # On the reader's path, right after the frame was read and parsed.
+            received_at=time.time(),
         )
 
     def _poisoned(self, dispatch: Dispatch, exc: Exception) -> TaskMessage | None:

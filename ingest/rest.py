@@ -25,6 +25,7 @@ import redis.asyncio
 from ingest.brokers import state_url_from_env
 from ingest.discovery import DEFAULT_API_URL
 from ingest.errors import ConfigError, RestError
+from ingest.interactions import DEFERRED, DEFERRING, RESPONDED, InitialResponses
 from ingest.models import Interaction, Message
 from ingest.ratelimit import (
     DEFAULT_GLOBAL_LIMIT,
@@ -331,6 +332,7 @@ class Rest:
             fallback = LocalState() if settings.local_fallback else None
             limiter = RateLimiter(client, core, rest_metrics, fallback)
         self.limiter = limiter
+        self.initial_responses = InitialResponses(settings.state_url, namespace)
         self._http = httpx.Client(
             base_url=self.api_url, headers=_headers(settings.token), timeout=timeout
         )
@@ -426,16 +428,44 @@ class Rest:
         )
 
     def respond(self, interaction: Interaction, content: str | None = None, **data: Any) -> None:
-        """Answer an interaction with a message (callback type 4); within 3 s of receipt."""
-        self._callback(interaction, CHANNEL_MESSAGE_WITH_SOURCE, _message_body(content, data))
+        """Answer an interaction with a message (callback type 4); within 3 s of receipt.
 
-    def defer(self, interaction: Interaction, *, ephemeral: bool = False) -> None:
-        """Acknowledge now, answer later with ``follow_up`` (callback type 5)."""
-        self._callback(
-            interaction,
-            DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE,
-            {"flags": EPHEMERAL} if ephemeral else {},
-        )
+        Once it was deferred (by ``defer`` or the auto-defer) or already answered, the answer
+        goes as a follow-up instead, which replaces the "thinking..." of a deferral: one
+        interaction never gets two initial responses (``ingest.interactions``).
+        """
+        initial = self.initial_responses
+        if initial.claim(interaction.id, RESPONDED):
+            try:
+                self._callback(
+                    interaction, CHANNEL_MESSAGE_WITH_SOURCE, _message_body(content, data)
+                )
+            except BaseException:
+                initial.release(interaction.id)
+                raise
+            return
+        initial.wait_deferred(interaction.id)
+        self.follow_up(interaction, content, **data)
+
+    def defer(self, interaction: Interaction, *, ephemeral: bool = False) -> bool:
+        """Acknowledge now, answer later with ``follow_up`` (callback type 5).
+
+        False, and nothing sent, when the interaction was already answered or deferred.
+        """
+        initial = self.initial_responses
+        if not initial.claim(interaction.id, DEFERRING):
+            return False
+        try:
+            self._callback(
+                interaction,
+                DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE,
+                {"flags": EPHEMERAL} if ephemeral else {},
+            )
+        except BaseException:
+            initial.release(interaction.id)
+            raise
+        initial.mark(interaction.id, DEFERRED)
+        return True
 
     def follow_up(
         self, interaction: Interaction, content: str | None = None, **fields: Any
@@ -487,6 +517,7 @@ class AsyncRest:
             fallback = LocalState() if settings.local_fallback else None
             limiter = AsyncRateLimiter(client, core, rest_metrics, fallback)
         self.limiter = limiter
+        self.initial_responses = InitialResponses(settings.state_url, namespace)
         self._http = httpx.AsyncClient(
             base_url=self.api_url, headers=_headers(settings.token), timeout=timeout
         )
@@ -570,14 +601,35 @@ class AsyncRest:
     async def respond(
         self, interaction: Interaction, content: str | None = None, **data: Any
     ) -> None:
-        await self._callback(interaction, CHANNEL_MESSAGE_WITH_SOURCE, _message_body(content, data))
+        # The same coordination as Rest.respond; its few Redis calls run in a thread.
+        initial = self.initial_responses
+        if await asyncio.to_thread(initial.claim, interaction.id, RESPONDED):
+            try:
+                await self._callback(
+                    interaction, CHANNEL_MESSAGE_WITH_SOURCE, _message_body(content, data)
+                )
+            except BaseException:
+                await asyncio.to_thread(initial.release, interaction.id)
+                raise
+            return
+        await asyncio.to_thread(initial.wait_deferred, interaction.id)
+        await self.follow_up(interaction, content, **data)
 
-    async def defer(self, interaction: Interaction, *, ephemeral: bool = False) -> None:
-        await self._callback(
-            interaction,
-            DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE,
-            {"flags": EPHEMERAL} if ephemeral else {},
-        )
+    async def defer(self, interaction: Interaction, *, ephemeral: bool = False) -> bool:
+        initial = self.initial_responses
+        if not await asyncio.to_thread(initial.claim, interaction.id, DEFERRING):
+            return False
+        try:
+            await self._callback(
+                interaction,
+                DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE,
+                {"flags": EPHEMERAL} if ephemeral else {},
+            )
+        except BaseException:
+            await asyncio.to_thread(initial.release, interaction.id)
+            raise
+        await asyncio.to_thread(initial.mark, interaction.id, DEFERRED)
+        return True
 
     async def follow_up(
         self, interaction: Interaction, content: str | None = None, **fields: Any

@@ -6,6 +6,7 @@ Nothing else in the project spells ``discord.<EVENT>``; ask this module.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Final
 
@@ -16,6 +17,11 @@ DEAD_LETTER_TASK: Final = "discord.invalid"
 DEAD_LETTER_QUEUE: Final = "discord.invalid"
 # Between an event's task name and a handler's ``module.qualname`` in the handler's task name.
 HANDLER_SEPARATOR: Final = ":"
+# The fast lane: latency-sensitive events share this queue, which only the Procfile's
+# ``interactions`` workers consume, so no backlog of other events delays them.
+FAST_QUEUE: Final = "discord.fast"
+FAST_EVENTS_ENV: Final = "INGEST_FAST_EVENTS"
+DEFAULT_FAST_EVENTS: Final = "INTERACTION_CREATE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +36,18 @@ class Route:
 def route_for(event: str) -> Route:
     """The route of dispatch ``event``; unknown event names get the generic model."""
     name = f"{TASK_PREFIX}{event}"
-    return Route(event=event, task_name=name, queue=name, model=model_for(event))
+    queue = FAST_QUEUE if event in fast_events() else name
+    return Route(event=event, task_name=name, queue=queue, model=model_for(event))
+
+
+@functools.cache
+def fast_events() -> frozenset[str]:
+    """``INGEST_FAST_EVENTS`` (comma-separated; default INTERACTION_CREATE; ``-`` for none).
+
+    Gateway and workers must agree: set it once for the whole app (Heroku config vars are).
+    """
+    raw = os.environ.get(FAST_EVENTS_ENV, DEFAULT_FAST_EVENTS).strip()
+    return frozenset(name.strip() for name in raw.split(",") if name.strip() not in ("", "-"))
 
 
 def handler_task_name(event: str, handler: str) -> str:

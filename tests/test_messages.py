@@ -167,6 +167,7 @@ def test_headers_are_celerys_protocol_2_headers_plus_ours() -> None:
         "MESSAGE_CREATE", data, shard_id=2, sequence=7, session_id=SESSION
     )
     ours = {"discord_shard_id", "discord_sequence", "discord_session_id", "discord_event"}
+    ours |= {"discord_received_at_us"}  # the gateway's receipt time (issue 14)
     assert set(message.headers) == set(celery_headers) | ours
     assert message.headers["task"] == "discord.MESSAGE_CREATE"
     assert message.headers["id"] == message.headers["root_id"] == message.task_id
