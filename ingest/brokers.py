@@ -194,3 +194,13 @@ def _start(directory: Path, sock: Path) -> None:
                 f"embedded Redis did not answer on {sock}; see {directory / 'broker.log'}"
             )
         time.sleep(0.02)
+
+
+def state_url_from_env(env: Mapping[str, str]) -> str | None:
+    """Where shared state (REST limits, the cache) lives: ``INGEST_STATE_URL``, else the broker
+    when it is Redis (the embedded one included); None when neither is a Redis."""
+    state_url = env.get("INGEST_STATE_URL", "").strip()
+    if state_url:
+        return state_url
+    broker = broker_url_from_env(env)
+    return broker if is_redis_url(broker) else None

@@ -22,7 +22,7 @@ import httpx
 import redis
 import redis.asyncio
 
-from ingest.brokers import broker_url_from_env, is_redis_url, redis_py_url
+from ingest.brokers import redis_py_url, state_url_from_env
 from ingest.discovery import DEFAULT_API_URL
 from ingest.errors import ConfigError, RestError
 from ingest.models import Interaction, Message
@@ -159,15 +159,12 @@ class Settings:
         token = env.get("DISCORD_TOKEN", "").strip()
         if not token:
             raise ConfigError("DISCORD_TOKEN is not set: the REST client needs the bot token")
-        state_url = env.get("INGEST_STATE_URL", "").strip()
-        if not state_url:
-            broker = broker_url_from_env(env)
-            if not is_redis_url(broker):
-                raise ConfigError(
-                    "the REST rate limiter needs Redis: set INGEST_STATE_URL to a redis:// URL "
-                    "(the broker is not Redis)"
-                )
-            state_url = broker
+        state_url = state_url_from_env(env)
+        if state_url is None:
+            raise ConfigError(
+                "the REST rate limiter needs Redis: set INGEST_STATE_URL to a redis:// URL "
+                "(the broker is not Redis)"
+            )
         return cls(
             token=token,
             api_url=env.get("DISCORD_API_URL", "").strip() or DEFAULT_API_URL,
