@@ -28,7 +28,8 @@ REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}"
 # 5 test_messages, 6 test_handlers, 7 test_publish, 11 test_end_to_end, 12 test_sharding,
 # 9 test_delivery, 10 the recorder app's records (RECORD_DB, a prefix per test),
 # 13 test_operations, 14 the benchmark, 8 test_many_handlers, 1 test_gateway_integration
-# (python -m ingest), 2 test_identify_budget, 3 test_rest* (no flush: a fresh namespace per test).
+# (python -m ingest), 2 test_identify_budget, 3 test_rest* (no flush: a fresh namespace per test),
+# 4 test_cache, 15 test_cache_process.
 # Take a free one for a new file and add it here.
 
 
