@@ -5,9 +5,11 @@ new session's READY drops what it no longer lists; shards never touch each other
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import orjson
 import pytest
 import redis
 
@@ -16,6 +18,12 @@ from ingest.cache_layout import DEFAULT_KINDS, KINDS, parse_kinds
 from ingest.cache_writer import CacheWriter, Command
 from ingest.config import load_config
 from ingest.errors import ConfigError
+from ingest.fanout import fan_out
+from ingest.gateway import Gateway
+from ingest.messages import TaskMessage
+from ingest.pipeline import Pipeline
+from ingest.publish import RedisPublisher
+from ingest.session import Dispatch, SessionState
 from ingest.testing.simulator import (
     _guild_id,
     sample_guild_create,
@@ -306,3 +314,144 @@ def test_ingest_cache_switches() -> None:
 def test_the_cache_needs_a_redis() -> None:
     with pytest.raises(ConfigError, match="INGEST_STATE_URL"):
         Cache.from_env({"CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//"})
+
+
+# -- in the pipeline: the write lands before (or with) the publish ------------------------------
+
+
+def _gateway() -> Gateway:
+    """A gateway that never connects, holding session s1 (commits apply to it)."""
+    return Gateway(
+        "token-" + "x" * 20,
+        1,
+        "ws://127.0.0.1:9",
+        compression="none",
+        on_dispatch=lambda g, d: None,
+        resume_from=SessionState(session_id="s1", sequence=None, resume_url=None),
+    )
+
+
+def _dispatch(event: str, sequence: int, data: dict[str, Any]) -> Dispatch:
+    return Dispatch(event, sequence, data, "s1", 0, b"", orjson.dumps(data), "e1")
+
+
+ROLE = {"guild_id": GID, "role": {"id": "91", "name": "fresh"}}
+
+
+async def _publish_two(pipeline: Pipeline) -> Gateway:
+    """A role created (no handler) then a message (handled), through ``pipeline``."""
+    g = _gateway()
+    pipeline.attach(g)
+    running = asyncio.create_task(pipeline.run())
+    pipeline.accept(g, _dispatch("GUILD_ROLE_CREATE", 1, ROLE))
+    pipeline.accept(g, _dispatch("MESSAGE_CREATE", 2, sample_message_create(2, guild_id=GID)))
+    await pipeline.drain(timeout=5)
+    running.cancel()
+    return g
+
+
+def test_the_cache_rides_the_brokers_transaction_when_it_is_the_same_redis(url: str) -> None:
+    publisher = RedisPublisher(url)
+    writer = CacheWriter(url, ALL)
+    writer.attach(fan_out(publisher, {}))
+    assert writer.riding
+    monitor_client = redis.Redis.from_url(url)
+    seen: list[str] = []
+
+    def watch() -> None:
+        with monitor_client.monitor() as monitor:
+            started.set()
+            for command in monitor.listen():
+                if command["db"] != REDIS_DB:
+                    continue
+                seen.append(command["command"])
+                if "stop-watching" in command["command"]:
+                    return
+
+    started = threading.Event()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert started.wait(5)
+    pipeline = Pipeline(publisher, subscribed=frozenset({"MESSAGE_CREATE"}), cache=writer)
+
+    async def main() -> Gateway:
+        try:
+            return await _publish_two(pipeline)
+        finally:
+            await publisher.close()
+            await writer.close()
+
+    g = asyncio.run(main())
+    redis.Redis.from_url(url).echo("stop-watching")
+    watcher.join(5)
+    assert g.session.committed_sequence == 2
+    # One MULTI/EXEC holds the role, the member from the message and the task itself.
+    multi = seen.index("MULTI")
+    block = seen[multi : seen.index("EXEC", multi) + 1]
+    assert any(c.startswith("HSET ingest:cache:roles:") for c in block), block
+    assert any(c.startswith("LPUSH discord.MESSAGE_CREATE") for c in block), block
+    assert not any("ingest:cache" in c for c in seen[:multi] + seen[multi + len(block) :])
+
+
+def test_the_cache_is_written_before_the_publish_on_another_broker(url: str) -> None:
+    cache = Cache.from_env({"INGEST_STATE_URL": url})
+    at_publish: list[Any] = []
+
+    class Watching:
+        """A broker that notes what a handler would read the moment it takes a batch."""
+
+        async def connect(self) -> None: ...
+
+        async def declare(self, queues: Any) -> None: ...
+
+        async def publish(self, messages: Sequence[TaskMessage]) -> None:
+            if messages:
+                at_publish.append(cache.role(int(GID), 91))
+
+        async def ping(self) -> bool:
+            return True
+
+        async def close(self) -> None: ...
+
+    writer = CacheWriter(url, DEFAULT_KINDS)
+    writer.attach(Watching())
+    assert not writer.riding
+    pipeline = Pipeline(Watching(), subscribed=frozenset({"MESSAGE_CREATE"}), cache=writer)
+
+    async def main() -> Gateway:
+        try:
+            return await _publish_two(pipeline)
+        finally:
+            await writer.close()
+
+    g = asyncio.run(main())
+    assert g.session.committed_sequence == 2
+    assert [r.name for r in at_publish] == ["fresh"]
+    cache.close()
+
+
+def test_an_event_no_handler_wants_is_cached_before_its_sequence_commits(url: str) -> None:
+    writer = CacheWriter(url, DEFAULT_KINDS)
+    publisher = RedisPublisher(url)
+    writer.attach(publisher)
+    pipeline = Pipeline(publisher, subscribed=frozenset(), cache=writer)
+    g = _gateway()
+    pipeline.attach(g)
+
+    async def main() -> None:
+        pipeline.accept(g, _dispatch("GUILD_ROLE_CREATE", 1, ROLE))
+        pipeline.accept(g, _dispatch("TYPING_START", 2, {"channel_id": "1"}))
+        # Held: nothing commits before the write.
+        assert g.session.committed_sequence is None and pipeline.buffered == 2
+        running = asyncio.create_task(pipeline.run())
+        await pipeline.drain(timeout=5)
+        running.cancel()
+        await publisher.close()
+        await writer.close()
+
+    asyncio.run(main())
+    assert g.session.committed_sequence == 2
+    cache = Cache.from_env({"INGEST_STATE_URL": url})
+    found = cache.role(int(GID), 91)
+    assert found is not None and found.name == "fresh"
+    cache.close()
