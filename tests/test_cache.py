@@ -455,3 +455,26 @@ def test_an_event_no_handler_wants_is_cached_before_its_sequence_commits(url: st
     found = cache.role(int(GID), 91)
     assert found is not None and found.name == "fresh"
     cache.close()
+
+
+def test_a_cache_key_of_the_wrong_type_never_makes_the_batch_publish_twice(url: str) -> None:
+    client = redis.Redis.from_url(url)
+    client.set(f"ingest:cache:roles:{GID}", "someone else's string")
+    publisher = RedisPublisher(url)
+    writer = CacheWriter(url, ALL)
+    writer.attach(publisher)
+    pipeline = Pipeline(publisher, subscribed=frozenset({"MESSAGE_CREATE"}), cache=writer)
+
+    async def main() -> Gateway:
+        try:
+            return await _publish_two(pipeline)
+        finally:
+            await publisher.close()
+            await writer.close()
+
+    g = asyncio.run(main())
+    assert g.session.committed_sequence == 2
+    assert client.llen("discord.MESSAGE_CREATE") == 1
+    # The rest of the batch's cache writes landed.
+    assert client.hlen(f"ingest:cache:members:{GID}") == 1
+    client.close()
