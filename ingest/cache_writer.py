@@ -104,31 +104,36 @@ return dropped
 """
 
 # Merge a partial member into the stored one, top-level key by key: fields the event did not
-# carry keep their stored value. New values arrive as JSON text and are never re-encoded; old
-# ones are (cjson turns an empty array into an empty table: the only such member field is
-# ``roles``, so an empty table is written back as []).
-# KEYS[1]: the guild's members hash. ARGV: user id, then key, JSON value pairs.
+# carry keep their stored value. The event's member is kept as the JSON text it came as; only
+# the stored fields it lacks are re-encoded and appended (cjson turns an empty array into an
+# empty table: the only such member field is ``roles``, so an empty table is written as []).
+# KEYS[1]: the guild's members hash. ARGV: user id, the member's JSON object.
 _MERGE_MEMBER: Final = """
-local parts = {}
-local seen = {}
-for i = 2, #ARGV, 2 do
-  seen[ARGV[i]] = true
-  parts[#parts + 1] = cjson.encode(ARGV[i]) .. ':' .. ARGV[i + 1]
-end
+local text = ARGV[2]
+local ok, fresh = pcall(cjson.decode, text)
+if not ok or type(fresh) ~= 'table' then return 0 end
 local old = redis.call('HGET', KEYS[1], ARGV[1])
+local kept = {}
 if old then
-  local ok, stored = pcall(cjson.decode, old)
-  if ok and type(stored) == 'table' then
+  local decoded, stored = pcall(cjson.decode, old)
+  if decoded and type(stored) == 'table' then
     for k, v in pairs(stored) do
-      if not seen[k] then
-        local text
-        if type(v) == 'table' and next(v) == nil then text = '[]' else text = cjson.encode(v) end
-        parts[#parts + 1] = cjson.encode(k) .. ':' .. text
+      if fresh[k] == nil then
+        local value
+        if type(v) == 'table' and next(v) == nil then value = '[]' else value = cjson.encode(v) end
+        kept[#kept + 1] = cjson.encode(k) .. ':' .. value
       end
     end
   end
 end
-redis.call('HSET', KEYS[1], ARGV[1], '{' .. table.concat(parts, ',') .. '}')
+if #kept > 0 then
+  if next(fresh) == nil then
+    text = '{' .. table.concat(kept, ',') .. '}'
+  else
+    text = string.sub(text, 1, -2) .. ',' .. table.concat(kept, ',') .. '}'
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], text)
 return 1
 """
 
@@ -363,10 +368,8 @@ class CacheWriter:
         return self._members(str(data["guild_id"]), [data])
 
     def _merge_member(self, gid: str, uid: str, member: dict[str, Any]) -> Command:
-        flat: list[str | bytes | int] = ["EVAL", _MERGE_MEMBER, 1, members_key(gid), uid]
-        for field, value in _member_without_user(member).items():
-            flat += (field, _dumps(value))
-        return tuple(flat)
+        merged = _dumps(_member_without_user(member))
+        return ("EVAL", _MERGE_MEMBER, 1, members_key(gid), uid, merged)
 
     def _member_update(self, data: Any, shard_id: int, shard_count: int) -> list[Command]:
         user = data["user"]
