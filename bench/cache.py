@@ -49,6 +49,12 @@ def run_cache_phase(opts: Options, log_dir: Path) -> dict[str, Any]:
                 "burst_payloads_per_s": burst.payloads_per_s if burst else None,
                 "burst_seconds": burst.seconds if burst else None,
                 "burst_peak_rss_mb": burst.peak_rss_mb if burst else None,
+                # CPU per payload moves less than wall time on a shared machine.
+                "burst_cpu_ms_per_payload": (
+                    round(burst.cpu_seconds / burst.delivered * 1000, 2)
+                    if burst and burst.cpu_seconds and burst.delivered
+                    else None
+                ),
                 "error": row.error or (burst.error if burst else None),
             }
         )
@@ -102,7 +108,7 @@ def format_cache(report: dict[str, Any]) -> str:
         "",
         "cache phase (Redis): gateway events/s by INGEST_CACHE, same run",
         f"{'cache':<8} {'msg ev/s':>9} {'vs none':>7} {'CPU us/ev':>9} "
-        f"{'burst GC/s':>10} {'vs none':>7} {'burst s':>8}",
+        f"{'burst GC/s':>10} {'vs none':>7} {'burst s':>8} {'CPU ms/GC':>9} {'RSS MB':>7}",
     ]
 
     def fmt(value: float | None, spec: str) -> str:
@@ -115,7 +121,9 @@ def format_cache(report: dict[str, Any]) -> str:
             f"{fmt(row['cpu_us_per_event'], '.0f'):>9} "
             f"{fmt(row['burst_payloads_per_s'], ',.0f'):>10} "
             f"{fmt(row['burst_payloads_per_s_vs_none'], '.2f'):>7} "
-            f"{fmt(row['burst_seconds'], '.2f'):>8}"
+            f"{fmt(row['burst_seconds'], '.2f'):>8} "
+            f"{fmt(row['burst_cpu_ms_per_payload'], '.2f'):>9} "
+            f"{fmt(row['burst_peak_rss_mb'], '.0f'):>7}"
         )
         if row["error"]:
             lines.append(f"ERROR cache={row['cache']}: {row['error']}")
