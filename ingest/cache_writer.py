@@ -467,7 +467,9 @@ def cache_writer_for(config: Config, publisher: object) -> CacheWriter | None:
     if not config.cache_kinds:
         log.info("cache off (INGEST_CACHE=none)")
         return None
-    url = config.state_url or (config.broker_url if is_redis_url(config.broker_url) else None)
+    # The same Redis the handlers' Cache.from_env() finds (ingest.brokers.state_url_from_env).
+    urls = [u for u in (config.state_url, config.broker_url) if u and is_redis_url(u)]
+    url = urls[0] if urls else None
     if url is None:
         log.warning(
             "cache off: the broker is not Redis and INGEST_STATE_URL is unset; set it to a "
