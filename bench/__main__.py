@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
+from bench.cache import format_cache, run_cache_phase
 from bench.run import Options, format_table, run
 
 BROKERS = ("redis", "rabbitmq", "embedded")
@@ -128,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="smoke run: 5,000 events, 1 s of latency, a 250-payload burst",
     )
     parser.add_argument(
+        "--cache",
+        action="store_true",
+        help="add the cache phase: the Redis gateway with INGEST_CACHE=none, the default and "
+        "members, side by side, and the cache's bytes per guild and per member",
+    )
+    parser.add_argument(
+        "--cache-only", action="store_true", help="run only the cache phase (implies --cache)"
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help="print the report as JSON on stdout (progress stays on stderr)",
@@ -170,12 +182,24 @@ def main(argv: list[str] | None = None) -> int:
         profile_rate=args.profile_rate,
         log_dir=args.logs,
     )
-    report = run(opts)
+    failed = False
+    report: dict[str, Any] = {}
+    if not args.cache_only:
+        report = run(opts)
+        failed = any(r["error"] for r in report["results"]) or any(
+            b["error"] for b in report["bursts"]
+        )
+    if args.cache or args.cache_only:
+        log_dir = opts.log_dir or Path(tempfile.mkdtemp(prefix="di-bench-logs-", dir="/tmp"))
+        report["cache"] = run_cache_phase(opts, log_dir)
+        failed = failed or any(r["error"] for r in report["cache"]["rows"])
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(format_table(report))
-    failed = any(r["error"] for r in report["results"]) or any(b["error"] for b in report["bursts"])
+        if not args.cache_only:
+            print(format_table(report))
+        if "cache" in report:
+            print(format_cache(report["cache"]))
     return 1 if failed else 0
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ingest.brokers import REDIS_SCHEMES, broker_url_from_env, data_dir_from_env
+from ingest.cache_layout import DEFAULT_KINDS as DEFAULT_CACHE_KINDS
+from ingest.cache_layout import parse_kinds
 from ingest.compression import Compression
 from ingest.discovery import DEFAULT_API_URL
 from ingest.errors import ConfigError
@@ -42,6 +44,8 @@ class Config:
     log_level: str
     # The outage buffer's byte bound (task bodies), beside its event bound.
     max_buffered_bytes: int = 256 * 1024 * 1024
+    # What the shared cache keeps (INGEST_CACHE); empty: no cache.
+    cache_kinds: frozenset[str] = DEFAULT_CACHE_KINDS
 
     def __repr__(self) -> str:
         return (
@@ -218,4 +222,5 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         log_level=env.get("INGEST_LOG_LEVEL", "INFO").strip().upper() or "INFO",
         max_buffered_bytes=_int(env, "INGEST_MAX_BUFFERED_BYTES", 256 * 1024 * 1024, 1)
         or 256 * 1024 * 1024,
+        cache_kinds=parse_kinds(env.get("INGEST_CACHE", "")),
     )

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import orjson
 from pydantic import ValidationError
 
+from ingest.cache_writer import CacheWriter, Command
 from ingest.errors import BrokerUnavailable
 from ingest.gateway import Gateway
 from ingest.logs import throttled
@@ -46,6 +47,7 @@ class _Entry:
     event: str
     message: TaskMessage | None  # None: nothing to publish, only a sequence to pass
     received_at: float
+    cache: list[Command] | None = None  # written before the message is published
 
 
 class Pipeline:
@@ -62,8 +64,10 @@ class Pipeline:
         max_buffered_bytes: int = 256 * 1024 * 1024,
         max_outage_seconds: float = 30.0,
         save_interval: float = 0.2,
+        cache: CacheWriter | None = None,
     ) -> None:
         self.publisher = publisher
+        self.cache = cache
         self.subscribed = subscribed  # None: publish every event type
         self.store = store
         self.metrics = metrics or Metrics()
@@ -144,13 +148,21 @@ class Pipeline:
         # Per shard *and session*: after Discord replaces a session, the new one's events do
         # not wait behind the old one's (whose commits the session would ignore anyway).
         key = (id(gateway), dispatch.session_id)
-        if message is None and not self._waiting.get(key):
+        cache = None
+        if self.cache is not None:
+            # Published or not: the cache sees every event it keeps.
+            cache = self.cache.commands(
+                event, dispatch.data, dispatch.shard_id, gateway.session.config.shard_count
+            )
+        if message is None and cache is None and not self._waiting.get(key):
             # Nothing of this session is in flight: an unwanted event is done at once.
             gateway.commit(dispatch.sequence, dispatch.session_id)
             self._dirty.add(id(gateway))
             return
         self._waiting[key] = self._waiting.get(key, 0) + 1
-        self._hold(_Entry(gateway, dispatch.session_id, dispatch.sequence, event, message, now))
+        self._hold(
+            _Entry(gateway, dispatch.session_id, dispatch.sequence, event, message, now, cache)
+        )
         over = self._over_budget()
         if over is not None:
             if self._outage_since is not None:
@@ -277,6 +289,10 @@ class Pipeline:
             messages = [e.message for e in batch if e.message is not None]
             started = time.monotonic()
             try:
+                if self.cache is not None:
+                    await self.cache.before_publish(
+                        [c for e in batch if e.cache for c in e.cache], bool(messages)
+                    )
                 await self.publisher.publish(messages)
             except Exception as exc:
                 # Whatever a client library raises, the batch stays held and is retried: a
@@ -295,6 +311,8 @@ class Pipeline:
                 delay = min(delay * 2, 2.0)
                 continue
             delay = 0.05
+            if self.cache is not None:
+                self.cache.published()
             self._on_published(batch, len(messages), started)
             await self._save_if_due()
 

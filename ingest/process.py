@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from ingest.brokers import is_redis_url, redis_py_url, state_url_of
+from ingest.cache_writer import CacheWriter, cache_writer_for
 from ingest.command_relay import CommandRelay
 from ingest.config import Config
 from ingest.discovery import fetch_gateway_bot
@@ -68,6 +69,7 @@ class GatewayProcess:
         self.gateways: list[Gateway] = []
         self.pipeline: Pipeline | None = None
         self.store: SessionStore | None = None
+        self.cache: CacheWriter | None = None
         self._shutdown = asyncio.Event()
         self._ready: set[int] = set()
         self.shard_count = 1
@@ -141,6 +143,7 @@ class GatewayProcess:
             [route_for(e).queue for e in sorted(subscribed)] + [DEAD_LETTER_QUEUE]
         )
         self.store = store_for(config.state_url, config.broker_url, config.data_dir)
+        self.cache = cache_writer_for(config, publisher)
         self.pipeline = pipeline = Pipeline(
             publisher,
             subscribed=subscribed,
@@ -151,6 +154,7 @@ class GatewayProcess:
             max_buffered_events=config.max_buffered_events,
             max_buffered_bytes=config.max_buffered_bytes,
             max_outage_seconds=config.max_outage_seconds,
+            cache=self.cache,
         )
         resumable = {
             shard_id: await self.store.load(shard_id, shard_count) for shard_id in shard_ids
@@ -291,6 +295,8 @@ class GatewayProcess:
         # Let it unwind before its clients close under it (a save in flight would fail).
         await asyncio.wait({publishing}, timeout=5)
         await publisher.close()
+        if self.cache is not None:
+            await self.cache.close()
         if self.identify_scheduler is not None:
             await self.identify_scheduler.close()
         if self.store is not None:

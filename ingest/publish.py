@@ -35,6 +35,7 @@ from ingest.brokers import (
     redis_failure,
 )
 from ingest.errors import BrokerUnavailable, ConfigError
+from ingest.logs import throttled
 from ingest.messages import (
     CONTENT_ENCODING,
     CONTENT_TYPE,
@@ -140,11 +141,20 @@ class RedisPublisher:
             self.extra_commands(pipe)
         try:
             async with asyncio.timeout(self.timeout):
-                await pipe.execute()
+                results = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(
                 f"Redis did not accept {len(messages)} messages: {exc!r}"
             ) from exc
+        # Only a failed LPUSH means the batch was not taken; an extra command that failed on
+        # its own (a key of the wrong type) must not make us push the whole batch again.
+        pushes, extras = results[: len(by_queue)], results[len(by_queue) :]
+        failed = next((r for r in pushes if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise BrokerUnavailable(f"Redis did not accept {len(messages)} messages: {failed!r}")
+        for result in extras:
+            if isinstance(result, Exception):
+                throttled(log).error("a command in the publish transaction failed: %r", result)
 
     async def ping(self) -> bool:
         try:

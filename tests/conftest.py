@@ -29,8 +29,9 @@ REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}"
 # 15 test_deploy, 9 test_delivery, 10 the recorder app's records (RECORD_DB, a prefix per test),
 # 13 test_operations, 14 the benchmark, 8 test_many_handlers, 1 test_gateway_integration
 # (python -m ingest), 2 test_identify_budget, 3 test_rest* (no flush: a fresh namespace per test),
-# 4 test_commands* (key prefixes; the process tests flush it), 0 test_interactions; 15 is
-# also test_interactions_lane's (files run one after another; the two never share a run).
+# 0 test_interactions, 4 test_commands* and test_cache, 15 test_deploy, test_interactions_lane
+# and test_cache_process: all 16 are taken, so these share, each flushing or prefixing what it
+# uses (files run one after another in a run; side by side they would need their own Redis).
 # Take a free one for a new file and add it here.
 
 
