@@ -29,7 +29,7 @@ REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}"
 # 9 test_delivery, 10 the recorder app's records (RECORD_DB, a prefix per test),
 # 13 test_operations, 14 the benchmark, 8 test_many_handlers, 1 test_gateway_integration
 # (python -m ingest), 2 test_identify_budget, 3 test_rest* (no flush: a fresh namespace per test),
-# 4 test_cache, 15 test_cache_process.
+# 0 test_cache and test_cache_process (the cache's keys are fixed; one file after the other).
 # Take a free one for a new file and add it here.
 
 
