@@ -29,8 +29,8 @@ REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}"
 # 15 test_deploy, 9 test_delivery, 10 the recorder app's records (RECORD_DB, a prefix per test),
 # 13 test_operations, 14 the benchmark, 8 test_many_handlers, 1 test_gateway_integration
 # (python -m ingest), 2 test_identify_budget, 3 test_rest* (no flush: a fresh namespace per test),
-# 0 test_interactions, 4 test_commands* and test_cache, 15 test_deploy, test_interactions_lane
-# and test_cache_process: all 16 are taken, so these share, each flushing or prefixing what it
+# 0 test_interactions, test_cache and test_cache_process, 4 test_commands*, 15 test_deploy and
+# test_interactions_lane: all 16 are taken, so these share, each flushing or prefixing what it
 # uses (files run one after another in a run; side by side they would need their own Redis).
 # Take a free one for a new file and add it here.
 

@@ -31,7 +31,7 @@ from ingest.testing.simulator import (
 )
 from tests.support import redis_url, require_broker
 
-REDIS_DB = 4  # this file's own database on the test Redis (see conftest)
+REDIS_DB = 0  # shared with test_cache_process: the two run one after the other (see conftest)
 ALL = frozenset(KINDS)
 
 

@@ -35,7 +35,7 @@ from tests.support import (
     worker_process,
 )
 
-REDIS_DB = 15  # this file's own database on the test Redis (see conftest)
+REDIS_DB = 0  # shared with test_cache.py: run the two one after the other (see conftest)
 APP = "tests.apps.cache_reader"
 ROUNDS = 50
 
