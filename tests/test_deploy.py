@@ -17,7 +17,6 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import redis
 from kombu.utils.url import parse_url as kombu_parse_url
@@ -34,6 +33,7 @@ from tests.support import (
     Proc,
     Record,
     base_env,
+    connections_to,
     gateway_process,
     redis_url,
     require_broker,
@@ -153,17 +153,6 @@ def repeated_warnings(proc: Proc) -> list[str]:
         if match:
             found[_NUMBERS.sub("N", match[1])] += 1
     return [f"{count}x {text}" for text, count in found.items() if count > 1]
-
-
-def connections_to(port: int, proc: Proc) -> int:
-    """TCP connections to ``port`` held by ``proc`` and its children (the worker's pool)."""
-    parent = psutil.Process(proc.popen.pid)
-    pids = {parent.pid, *(child.pid for child in parent.children(recursive=True))}
-    return sum(
-        1
-        for conn in psutil.net_connections("tcp")
-        if conn.pid in pids and conn.raddr and conn.raddr.port == port
-    )
 
 
 @pytest.mark.timeout(240)
