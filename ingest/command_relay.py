@@ -2,7 +2,8 @@
 state Redis and send them in issue order through the session's 120-per-60-s budget.
 
 ``ShardCommands`` decides (no I/O, explicit clocks): send now, drop as expired, or wait how
-long. ``CommandRelay`` moves commands between Redis and the shards of one gateway process.
+long. ``CommandRelay`` moves commands between Redis and the shards of one gateway process, on
+two Redis connections however many shards it serves (hosted plans cap connections).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from typing import Any, Final
 import redis
 import redis.asyncio
 
+from ingest.brokers import async_redis
 from ingest.commands import (
     KEY_PREFIX,
     QueuedCommand,
+    bell_key,
     decode_command,
     pending_key,
     processing_key,
@@ -40,9 +43,14 @@ log = logging.getLogger("ingest.commands")
 MAX_HELD: Final = 1000
 # How many commands one round trip takes from Redis.
 TAKE_BATCH: Final = 100
-# Longest sleep between looks at Redis while commands wait (for the budget or a connection).
+# Longest sleep between looks at a shard's queue, bell or not: a bell lost (popped as a
+# connection broke, or a caller that rings none) delays its command by at most this.
 IDLE_POLL: Final = 1.0
 REDIS_TIMEOUT: Final = 5.0
+# Connections for the relay's short calls (take, done, recover), shared by all its shards: one
+# round trip is well under a millisecond on a near Redis, so shards queue for it briefly
+# rather than each holding a connection. The bells' blocking pop has one more of its own.
+POOL_CONNECTIONS: Final = 1
 WAIT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0)
 
 
@@ -209,15 +217,24 @@ return taken
 """
 
 
-def redis_client(url: str) -> redis.asyncio.Redis:
-    """The one place the relay builds its Redis client (TLS and friends belong here)."""
-    return redis.asyncio.Redis.from_url(
-        url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
+def redis_client(url: str, connections: int, *, blocks_for: float = 0.0) -> redis.asyncio.Redis:
+    """The one place the relay builds its Redis clients: at most ``connections``, callers wait
+    for one beyond that; a reply may take ``blocks_for`` seconds more (a blocking pop)."""
+    return async_redis(
+        url,
+        max_connections=connections,
+        socket_timeout=REDIS_TIMEOUT + blocks_for,
+        socket_connect_timeout=REDIS_TIMEOUT,
     )
 
 
 class CommandRelay:
-    """Feeds the shards of one gateway process with the commands queued for them."""
+    """Feeds the shards of one gateway process with the commands queued for them.
+
+    A caller rings the shard's bell with each command; one task per process waits on all the
+    bells and wakes the shard's task, which takes without blocking in Redis. So the process
+    holds ``POOL_CONNECTIONS`` + 1 connections whatever its shard count.
+    """
 
     def __init__(
         self,
@@ -233,8 +250,10 @@ class CommandRelay:
         self.gateways = list(gateways)
         self.prefix = prefix
         self.metrics = metrics or CommandMetrics()
+        # Set by a bell, READY/RESUMED or a broken bell connection: look at the shard now.
         self._wakers = {g.shard_id: asyncio.Event() for g in self.gateways}
         self._redis: redis.asyncio.Redis | None = None
+        self._bells: redis.asyncio.Redis | None = None
 
     def shard_connected(self, shard_id: int) -> None:
         """READY or RESUMED: commands held for the shard may go now."""
@@ -243,12 +262,14 @@ class CommandRelay:
             waker.set()
 
     async def run(self) -> None:
-        self._redis = redis_client(self._url)
+        self._redis = redis_client(self._url, POOL_CONNECTIONS)
+        self._bells = redis_client(self._url, 1, blocks_for=IDLE_POLL)
         try:
             await self._announce()
-            await asyncio.gather(*(self._serve(g) for g in self.gateways))
+            await asyncio.gather(self._listen(), *(self._serve(g) for g in self.gateways))
         finally:
             await self._redis.aclose()
+            await self._bells.aclose()
 
     async def _announce(self) -> None:
         """Tell callers the running deployment's shard count (they route by it)."""
@@ -265,6 +286,33 @@ class CommandRelay:
             except (redis.RedisError, OSError) as exc:
                 throttled(log).warning("gateway commands: state Redis not answering: %r", exc)
                 await asyncio.sleep(IDLE_POLL)
+
+    async def _listen(self) -> None:
+        """Wake the shard whose bell rang: one blocking pop over all of them (BLPOP takes many
+        keys), so one connection waits for every shard of the process."""
+        assert self._bells is not None
+        shard_of = {
+            bell_key(g.shard_id, self.shard_count, self.prefix).encode(): g.shard_id
+            for g in self.gateways
+        }
+        bells = list(shard_of)
+        while True:
+            try:
+                rung = await self._bells.blpop(bells, timeout=int(IDLE_POLL))
+            except (redis.RedisError, OSError) as exc:
+                # A bell popped as the connection broke is lost: look at every shard.
+                for waker in self._wakers.values():
+                    waker.set()
+                throttled(log).warning("gateway commands: bells not answering (%r)", exc)
+                await asyncio.sleep(IDLE_POLL)
+                continue
+            except Exception:
+                log.exception("gateway commands: waiting for bells failed; retrying")
+                await asyncio.sleep(IDLE_POLL)
+                continue
+            if rung is not None:
+                bell = rung[0]
+                self._wakers[shard_of[bell if isinstance(bell, bytes) else bell.encode()]].set()
 
     async def _serve(self, gateway: Gateway) -> None:
         shard = gateway.shard_id
@@ -285,8 +333,10 @@ class CommandRelay:
                             "shard %d: re-queued %d commands taken before a crash", shard, moved
                         )
                     recovered = True
+                # Before the take: a bell rung from here on is for a command it may miss.
+                waker.clear()
                 room = MAX_HELD - len(held)
-                for raw in await self._take(pending, processing, room, block=not held):
+                for raw in await self._take(pending, processing, room):
                     try:
                         command = decode_command(raw)
                     except ValueError as exc:
@@ -298,8 +348,8 @@ class CommandRelay:
                 if not held:
                     await self._done_even_if_cancelled(processing, list(finished))
                     finished.clear()
+                    await _woken(waker, IDLE_POLL)
                     continue
-                waker.clear()
                 pumped = held.pump(gateway.session, loop.time(), time.time())
                 if pumped.sent:
                     gateway.send_queued()
@@ -320,8 +370,7 @@ class CommandRelay:
                 finished.clear()
                 if held:
                     wait = IDLE_POLL if pumped.wait is None else min(pumped.wait, IDLE_POLL)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(waker.wait(), max(wait, 0.0))
+                    await _woken(waker, wait)
             except (redis.RedisError, OSError) as exc:
                 throttled(log).warning("shard %d: state Redis error (%r); retrying", shard, exc)
                 await asyncio.sleep(IDLE_POLL)
@@ -339,21 +388,16 @@ class CommandRelay:
             moved += 1
         return moved
 
-    async def _take(self, pending: str, processing: str, room: int, *, block: bool) -> list[bytes]:
-        """Up to ``room`` commands moved to the processing list; waits for one if ``block``."""
+    async def _take(self, pending: str, processing: str, room: int) -> list[bytes]:
+        """Up to ``room`` commands (at most a batch) moved to the processing list; never waits
+        in Redis, where a shard waiting would hold a connection of its own."""
         assert self._redis is not None
         if room <= 0:
             return []
-        if block:
-            raw = await self._redis.blmove(pending, processing, int(IDLE_POLL), "RIGHT", "LEFT")
-            if raw is None:
-                return []
-            first: list[bytes] = [raw if isinstance(raw, bytes) else raw.encode()]
-        else:
-            first = []
-        more = min(TAKE_BATCH, room - len(first))
-        taken = await self._redis.eval(_TAKE_SCRIPT, 2, pending, processing, str(more))
-        return first + list(taken)
+        taken = await self._redis.eval(
+            _TAKE_SCRIPT, 2, pending, processing, str(min(TAKE_BATCH, room))
+        )
+        return list(taken)
 
     async def _done_even_if_cancelled(self, processing: str, raws: list[bytes]) -> None:
         """A stop (SIGTERM) must not leave a sent command where the next owner would resend it."""
@@ -373,3 +417,9 @@ class CommandRelay:
         for raw in raws:
             pipe.lrem(processing, 1, raw)  # type: ignore[arg-type]  # bytes are fine
         await pipe.execute()
+
+
+async def _woken(waker: asyncio.Event, timeout: float) -> None:
+    """Until ``waker`` is set, or ``timeout`` seconds."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(waker.wait(), max(timeout, 0.0))

@@ -140,6 +140,13 @@ def processing_key(shard_id: int, shard_count: int, prefix: str = KEY_PREFIX) ->
     return f"{prefix}:{shard_count}:{shard_id}:processing"
 
 
+def bell_key(shard_id: int, shard_count: int, prefix: str = KEY_PREFIX) -> str:
+    """At most one token, pushed with every command for the shard: one blocking pop over all
+    of a process's bells wakes its shards, so a process holds one waiting connection, not one
+    per shard."""
+    return f"{prefix}:{shard_count}:{shard_id}:bell"
+
+
 def shard_for(guild_id: int, shard_count: int) -> int:
     """Discord's sharding formula."""
     return (guild_id >> 22) % shard_count
@@ -260,11 +267,18 @@ class Commands:
             raise CommandError(f"op {op} needs a guild_id or a shard_id to be routed")
         issued_at = time.time()
         pipe = self._redis.pipeline(transaction=True)
+        # A queue no gateway reads (a shard count since changed) goes away on its own.
+        lifetime = int(ttl) + 3600
         for shard in shards:
             key = pending_key(shard, count, self.prefix)
             pipe.lpush(key, encode_command(op, d, issued_at, ttl))
-            # A queue no gateway reads (a shard count since changed) goes away on its own.
-            pipe.expire(key, int(ttl) + 3600)
+            pipe.expire(key, lifetime)
+            # In the same MULTI: a gateway woken by the bell finds the command there. One
+            # token is enough (a woken shard takes everything queued), so a burst adds none.
+            bell = bell_key(shard, count, self.prefix)
+            pipe.lpush(bell, 1)
+            pipe.ltrim(bell, 0, 0)
+            pipe.expire(bell, lifetime)
         pipe.execute()
 
     def update_presence(

@@ -259,10 +259,12 @@ class RedisSessionBudget:
     """
 
     def __init__(self, redis_url: str, key: str) -> None:
-        import redis.asyncio as aioredis
+        from ingest.brokers import async_redis
 
         self.key = key
-        self._redis: redis.asyncio.Redis = aioredis.Redis.from_url(
+        # Bounded: shards identifying at once queue for a connection instead of opening one
+        # each (a process of 16 shards held 16, over hosted plans' caps).
+        self._redis: redis.asyncio.Redis = async_redis(
             redis_url, socket_timeout=5, socket_connect_timeout=5
         )
         self._take = self._redis.register_script(_TAKE_SCRIPT)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psutil
 import redis
 
 from ingest.testing.processes import clean_env
@@ -119,6 +120,17 @@ class Proc:
             os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait(timeout=5)
         self._reader.join(timeout=5)
+
+
+def connections_to(port: int, proc: Proc) -> int:
+    """TCP connections to ``port`` held by ``proc`` and its children (the worker's pool)."""
+    parent = psutil.Process(proc.popen.pid)
+    pids = {parent.pid, *(child.pid for child in parent.children(recursive=True))}
+    return sum(
+        1
+        for conn in psutil.net_connections("tcp")
+        if conn.pid in pids and conn.raddr and conn.raddr.port == port
+    )
 
 
 def base_env(**overrides: str) -> dict[str, str]:

@@ -18,6 +18,7 @@ from ingest.command_relay import ShardCommands
 from ingest.commands import (
     Commands,
     QueuedCommand,
+    bell_key,
     checked_payload,
     encode_command,
     pending_key,
@@ -269,6 +270,9 @@ def test_commands_are_queued_for_the_shard_that_owns_the_guild(
     assert queued[owner][-1]["d"]["nonce"] == nonce and len(nonce) == 32
     for shard in set(range(4)) - {owner}:
         assert [(c["op"], c["d"]["status"]) for c in queued[shard]] == [(3, "idle")]
+    # Every shard's bell rang, and holds one token however many commands rang it.
+    for shard in range(4):
+        assert state_redis.lrange(bell_key(shard, 4, commands.prefix), 0, -1) == [b"1"]
 
 
 def test_an_unreachable_state_redis_is_a_command_error_not_a_silent_loss() -> None:

@@ -27,10 +27,12 @@ from ingest.protocol import Opcode
 from ingest.testing import SimulatorThread
 from ingest.testing.processes import free_port
 from tests.support import (
+    REDIS_PORT,
     ROOT,
     Proc,
     Record,
     base_env,
+    connections_to,
     gateway_process,
     redis_url,
     require_broker,
@@ -41,6 +43,11 @@ from tests.support import (
 REDIS_DB = 4  # see conftest.py (shared with test_commands.py, which uses key prefixes)
 REDIS_URL = redis_url(REDIS_DB)
 CHUNKS_APP = "tests.apps.chunks"
+# The README's "Connection budget" for one gateway process whose state Redis is its broker:
+# publisher, session store, identify lease, session start budget, and the command relay's two
+# (bells, short calls); the four pools capped at 2 each, the relay at 2, whatever the shards.
+GATEWAY_REDIS_CONNECTIONS = 6
+GATEWAY_REDIS_CONNECTIONS_MAX = 10
 
 # The separate process that issues commands: a script, as a web app or a handler would.
 ISSUER = """
@@ -265,3 +272,69 @@ def test_a_burst_of_500_commands_to_one_shard_queues_in_the_budget_and_survives_
         f"(the first window), the rest queued; after kill -9 and restart {len(sent)} sent in "
         f"order, {held} still queued, no close"
     )
+
+
+def _connections_and_latencies(shard_count: int) -> tuple[int, list[float]]:
+    """Run one gateway process of ``shard_count`` shards, send a member request to each shard
+    and a presence to all: the most Redis connections it held meanwhile, and each request's
+    issue->sent time. Asserts every command reached the shard it was for."""
+    guild_ids = [((1_000_000 + k) << 22) | 5 for k in range(shard_count)]
+    assert sorted(shard_for(g, shard_count) for g in guild_ids) == list(range(shard_count))
+    with (
+        SimulatorThread(shard_count=shard_count, max_concurrency=shard_count) as sim,
+        short_tempdir() as data_dir,
+    ):
+        gateway = gateway_process(
+            _env(sim, data_dir, f"0-{shard_count - 1}", shard_count),
+            name=f"gateway of {shard_count}",
+        )
+        try:
+            gateway.wait_for_line(f"all {shard_count} shards ready", timeout=60)
+            seen = [connections_to(REDIS_PORT, gateway)]
+            caller = Commands(redis.Redis.from_url(REDIS_URL))
+            issued_at = {}
+            for guild_id in guild_ids:
+                issued_at[caller.request_guild_members(guild_id)] = time.time()
+                seen.append(connections_to(REDIS_PORT, gateway))
+            caller.update_presence(status="dnd")
+            caller.close()
+
+            def arrived() -> bool:
+                seen.append(connections_to(REDIS_PORT, gateway))
+                ops = Counter(c.op for c in sim.commands())
+                wanted = (Opcode.REQUEST_GUILD_MEMBERS, Opcode.PRESENCE_UPDATE)
+                return all(ops[op] >= shard_count for op in wanted)
+
+            _wait(arrived, 20, f"a command on each of {shard_count} shards", gateway)
+            commands = sim.commands()
+            assert gateway.stop() == 0, gateway.text()
+        finally:
+            gateway.kill()
+    requests = [c for c in commands if c.op == Opcode.REQUEST_GUILD_MEMBERS]
+    assert sorted(c.shard_id for c in requests) == list(range(shard_count))
+    for request in requests:
+        assert request.shard_id == shard_for(int(request.data["guild_id"]), shard_count)
+    presences = [c for c in commands if c.op == Opcode.PRESENCE_UPDATE]
+    assert sorted(c.shard_id for c in presences) == list(range(shard_count))
+    return max(seen), [c.time - issued_at[c.data["nonce"]] for c in requests]
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(180)
+def test_a_gateway_of_8_shards_holds_no_more_redis_connections_than_one_of_1(
+    state_redis: redis.Redis, measured: Callable[[str], None]
+) -> None:
+    # Each shard once waited in a blocking pop of its own, on a connection of its own: 64
+    # shards were 64 more connections, over a hosted plan's cap (Heroku mini: 20).
+    one, one_latencies = _connections_and_latencies(1)
+    eight, eight_latencies = _connections_and_latencies(8)
+    latencies = one_latencies + eight_latencies
+    measured(
+        f"Redis connections of one gateway process (most seen): {one} with 1 shard, {eight} "
+        f"with 8; issue->sent of one member request per shard: max "
+        f"{max(latencies) * 1000:.1f} ms"
+    )
+    assert one <= GATEWAY_REDIS_CONNECTIONS
+    # A connection per shard would be 3 + 8 at the least.
+    assert eight <= GATEWAY_REDIS_CONNECTIONS_MAX
+    assert max(latencies) <= 0.25
