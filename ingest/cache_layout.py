@@ -13,7 +13,7 @@ from typing import Final
 import redis
 import redis.asyncio as aioredis
 
-from ingest.brokers import redis_py_url, state_url_from_env
+from ingest.brokers import async_redis, redis_py_url, state_url_from_env
 from ingest.errors import ConfigError
 
 PREFIX: Final = "ingest:cache"
@@ -80,4 +80,6 @@ def redis_client(url: str) -> redis.Redis:
 
 
 def async_redis_client(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10)
+    # The gateway's writer: one connection (a bounded pool, as every gateway client has), since
+    # its commands mostly ride the broker's own transaction.
+    return async_redis(url, max_connections=1, socket_timeout=10, socket_connect_timeout=10)
