@@ -157,6 +157,17 @@ class Settings:
     # Off by default: limiting each process alone can exceed the bot's limits N times over.
     local_fallback: bool = False
 
+    def limiter_parts(self, namespace: str) -> tuple[LimiterCore, RestMetrics, LocalState | None]:
+        """What either client's limiter is built from, besides its Redis client."""
+        core = LimiterCore(
+            self.token,
+            global_limit=self.global_limit,
+            invalid_limit=self.invalid_limit,
+            namespace=namespace,
+            max_wait=self.max_wait,
+        )
+        return core, rest_metrics, LocalState() if self.local_fallback else None
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         token = env.get("DISCORD_TOKEN", "").strip()
@@ -322,15 +333,7 @@ class Rest:
                 socket_timeout=REDIS_TIMEOUT,
                 socket_connect_timeout=REDIS_TIMEOUT,
             )
-            core = LimiterCore(
-                settings.token,
-                global_limit=settings.global_limit,
-                invalid_limit=settings.invalid_limit,
-                namespace=namespace,
-                max_wait=settings.max_wait,
-            )
-            fallback = LocalState() if settings.local_fallback else None
-            limiter = RateLimiter(client, core, rest_metrics, fallback)
+            limiter = RateLimiter(client, *settings.limiter_parts(namespace))
         self.limiter = limiter
         self.initial_responses = InitialResponses(settings.state_url, namespace)
         self._http = httpx.Client(
@@ -507,15 +510,7 @@ class AsyncRest:
                 socket_timeout=REDIS_TIMEOUT,
                 socket_connect_timeout=REDIS_TIMEOUT,
             )
-            core = LimiterCore(
-                settings.token,
-                global_limit=settings.global_limit,
-                invalid_limit=settings.invalid_limit,
-                namespace=namespace,
-                max_wait=settings.max_wait,
-            )
-            fallback = LocalState() if settings.local_fallback else None
-            limiter = AsyncRateLimiter(client, core, rest_metrics, fallback)
+            limiter = AsyncRateLimiter(client, *settings.limiter_parts(namespace))
         self.limiter = limiter
         self.initial_responses = InitialResponses(settings.state_url, namespace)
         self._http = httpx.AsyncClient(
