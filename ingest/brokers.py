@@ -223,7 +223,7 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-# Per client, so one gateway process stays within a known budget (docs/deploy.md, "Connection budget").
+# Per client, so one gateway process stays within a known budget (docs/deploy.md).
 CLIENT_MAX_CONNECTIONS: Final = 2
 
 
