@@ -223,7 +223,7 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-# Per client, so one gateway process stays within a known budget (README "Connection budget").
+# Per client, so one gateway process stays within a known budget (docs/deploy.md).
 CLIENT_MAX_CONNECTIONS: Final = 2
 
 
@@ -265,7 +265,7 @@ def redis_failure(url: str, exc: BaseException) -> ConfigError | BrokerUnavailab
             "to verify it add ssl_ca_certs=<its CA file> to the URL, or accept it unverified "
             "with ?ssl_cert_reqs=none (Heroku Redis's self-signed certificate)"
         )
-    limit = "its client limit (maxclients / your plan's cap, see the README's connection budget)"
+    limit = "its client limit (maxclients / your plan's cap, see docs/deploy.md, connection budget)"
     if "max number of clients" in text:
         return BrokerUnavailable(f"Redis at {where} refuses new connections: {limit} is reached")
     if urlsplit(url).scheme == "rediss" and any(

@@ -2,7 +2,7 @@
 
 The gateway writes every entry before it publishes the event that changed it, so a handler
 never reads state older than its own event. ``Cache`` is synchronous (Celery handlers),
-``AsyncCache`` the same with ``await``. Layout: ``ingest.cache_layout`` and the README.
+``AsyncCache`` the same with ``await``. Layout: ``ingest.cache_layout`` and docs/cache.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The shared cache's Redis layout, its switches and its Redis client: what both sides agree on.
 
 The gateway writes (``ingest.cache_writer``), handlers read (``ingest.cache``); neither spells a
-key anywhere else. The layout is documented in the README ("Read the cache") for other languages.
+key anywhere else. The layout is documented in docs/cache.md for other languages.
 """
 
 from __future__ import annotations

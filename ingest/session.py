@@ -779,7 +779,7 @@ class Session:
         self.state = State.RESUMING
 
     def _send_heartbeat(self, now: float, *, scheduled: bool = True) -> None:
-        # The committed sequence, never one the broker may not have (see README: delivery).
+        # The committed sequence, never one the broker may not have (see docs/delivery.md).
         if not self._enqueue(Opcode.HEARTBEAT, self.committed_sequence, now, essential=True):
             return  # not sent (send budget spent): no ACK to wait for
         self._last_heartbeat_sent = now
