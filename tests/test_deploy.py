@@ -138,7 +138,14 @@ def stock_worker(env: dict[str, str], app: str) -> Proc:
     settings, words = procfile("worker")
     assert words[:3] == ["celery", "-A", "tasks"], words
     cmd = [sys.executable, "-m", "celery", "-A", app, *words[3:]]
-    return Proc("worker", [*cmd, "-n", f"deploy-{time.monotonic_ns()}@%h"], {**env, **settings})
+    name = ["-n", f"deploy-{time.monotonic_ns()}@%h"]
+    return Proc("worker", [*cmd, *name, *QUICK_STOP], {**env, **settings})
+
+
+# What these tests check ends before the worker stops; its production soft shutdown (20 s, even
+# when idle, for Heroku's 30) would only make each test wait. Celery config overrides, as
+# Procfile.dev's workers use.
+QUICK_STOP = ["--", "worker.soft_shutdown_timeout=1", "worker.enable_soft_shutdown_on_idle=false"]
 
 
 _LEVEL = re.compile(r"\bWARNING\b\S*\s*(.*)")
@@ -352,7 +359,7 @@ def test_buildpack_install_from_the_lock_alone_runs_both_procfile_processes(
                 settings, words = procfile(kind)
                 if kind == "worker":
                     assert words[:3] == ["celery", "-A", "tasks"], words
-                    words = ["celery", "-A", "tests.apps.recorder", *words[3:]]
+                    words = ["celery", "-A", "tests.apps.recorder", *words[3:], *QUICK_STOP]
                 procs.append(Proc(kind, words, {**env, **settings}))
             worker, gateway = procs
             gateway.wait_for_line("all 1 shards ready", timeout=90)
