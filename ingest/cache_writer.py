@@ -437,6 +437,17 @@ class CacheWriter:
     def published(self) -> None:
         self._staged = []
 
+    async def ping(self) -> bool:
+        """Whether the cache's Redis answers (always, when the cache rides the broker)."""
+        if self.riding:
+            return True
+        if self._client is None:
+            self._client = async_redis_client(self.url)
+        try:
+            return bool(await self._client.ping())
+        except (RedisError, OSError):
+            return False
+
     async def _execute(self, commands: list[Command]) -> None:
         if self._client is None:
             self._client = async_redis_client(self.url)

@@ -49,6 +49,15 @@ class _Entry:
     received_at: float
     cache: list[Command] | None = None  # written before the message is published
 
+    @property
+    def weight(self) -> int:
+        """Bytes this entry holds: its task body and its cache commands (a GUILD_CREATE no
+        handler wants still carries the whole guild for the cache)."""
+        size = 0 if self.message is None else len(self.message.body)
+        for command in self.cache or ():
+            size += sum(len(part) for part in command if isinstance(part, bytes | str))
+        return size
+
 
 class Pipeline:
     def __init__(
@@ -110,7 +119,7 @@ class Pipeline:
 
     @property
     def buffered_bytes(self) -> int:
-        """Task message bodies held, not yet accepted by the broker."""
+        """Task message bodies and cache commands held, not yet accepted by the broker."""
         return self._buffered_bytes
 
     def _over_budget(self) -> str | None:
@@ -122,8 +131,7 @@ class Pipeline:
 
     def _hold(self, entry: _Entry) -> None:
         self._queue.append(entry)
-        if entry.message is not None:
-            self._buffered_bytes += len(entry.message.body)
+        self._buffered_bytes += entry.weight
 
     def session_ended(self, gateway: Gateway) -> None:
         """The gateway's session is gone: forget it in the store now, not at the next save."""
@@ -331,7 +339,10 @@ class Pipeline:
             self._shed(f"broker down for {now - self._outage_since:.0f} s")
 
     async def _probe(self) -> None:
-        if await self.publisher.ping():
+        # The cache's Redis too, when it is not the broker: the events wait for it as well, and
+        # resuming while it is down would only replay into the same wall.
+        cache_up = self.cache is None or await self.cache.ping()
+        if cache_up and await self.publisher.ping():
             log.info("broker answering again; sessions will resume")
             self._outage_since = None
             self.metrics.broker_up(True)
@@ -350,8 +361,7 @@ class Pipeline:
         latest: dict[tuple[int, str | None], _Entry] = {}
         for entry in batch:
             self._queue.popleft()
-            if entry.message is not None:
-                self._buffered_bytes -= len(entry.message.body)
+            self._buffered_bytes -= entry.weight
             if entry.sequence is not None:
                 key = (id(entry.gateway), entry.session_id)
                 self._waiting[key] -= 1

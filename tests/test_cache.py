@@ -478,3 +478,46 @@ def test_a_cache_key_of_the_wrong_type_never_makes_the_batch_publish_twice(url: 
     # The rest of the batch's cache writes landed.
     assert client.hlen(f"ingest:cache:members:{GID}") == 1
     client.close()
+
+
+def test_cache_commands_count_in_the_outage_buffers_bytes(url: str) -> None:
+    # A GUILD_CREATE no handler wants publishes nothing but carries the whole guild for the
+    # cache: INGEST_MAX_BUFFERED_BYTES must see it, or an outage during the connect burst
+    # holds gigabytes unnoticed.
+    writer = CacheWriter(url, DEFAULT_KINDS)
+    publisher = RedisPublisher(url)
+    writer.attach(publisher)
+    pipeline = Pipeline(publisher, subscribed=frozenset(), cache=writer)
+    g = _gateway()
+    pipeline.attach(g)
+    guild = sample_guild_create(0, size_kb=20)
+    pipeline.accept(g, _dispatch("GUILD_CREATE", 1, guild))
+    assert pipeline.buffered == 1
+    assert pipeline.buffered_bytes >= len(orjson.dumps(guild["channels"]))
+
+    async def close() -> None:
+        await publisher.close()
+        await writer.close()
+
+    asyncio.run(close())
+
+
+def test_the_outage_probe_waits_for_a_cache_redis_that_is_not_the_broker(url: str) -> None:
+    # The cache on its own Redis (here: one that does not answer): the broker answering is
+    # not enough to reconnect, or every shard would resume into the same wall every 30 s.
+    writer = CacheWriter("redis://127.0.0.1:1/0", DEFAULT_KINDS)
+    publisher = RedisPublisher(url)
+    writer.attach(publisher)
+    assert not writer.riding
+    pipeline = Pipeline(publisher, subscribed=frozenset(), cache=writer)
+
+    async def main() -> bool:
+        try:
+            await pipeline._probe()
+            return pipeline._healthy.is_set()
+        finally:
+            await publisher.close()
+            await writer.close()
+
+    pipeline._healthy.clear()  # as after a shed
+    assert asyncio.run(main()) is False
