@@ -156,8 +156,14 @@ class EventTask(Task):  # type: ignore[misc]  # celery ships no type information
 
         assert self.auto_defer is not None
         interaction = Interaction.model_validate(args[0])
+        if interaction.type in interactions.NOT_DEFERRABLE:
+            return self.run(*args, **kwargs)  # a ping or an autocomplete: no deferral exists
+        component = interaction.type == interactions.MESSAGE_COMPONENT
         timer = interactions.AutoDefer(
-            interaction, self.auto_defer, received_at, lambda i: rest_client().defer(i)
+            interaction,
+            self.auto_defer,
+            received_at,
+            lambda i: rest_client().defer(i, update=component),
         )
         with timer:
             return self.run(*args, **kwargs)

@@ -27,6 +27,10 @@ KEY_PREFIX: Final = "ingest:interaction:"
 # An interaction token answers for 15 minutes; after that nobody can respond anyway.
 CLAIM_TTL: Final = 15 * 60
 DEFAULT_BUDGET: Final = 2.0
+# Interaction types (Discord's): a component's deferral is type 6 (the message it sits on is
+# edited later); PING and autocomplete have no deferral at all.
+MESSAGE_COMPONENT: Final = 3
+NOT_DEFERRABLE: Final = frozenset({1, 4})
 BUDGET_ENV: Final = "INGEST_AUTO_DEFER_SECONDS"
 RESPONDED: Final = b"responded"
 DEFERRING: Final = b"deferring"
@@ -144,10 +148,13 @@ class AutoDefer:
         defer: Callable[[Any], bool],
     ) -> None:
         self.interaction = interaction
-        start = received_at if received_at else time.time()
-        self._delay = max(0.0, start + budget - time.time())
+        now = time.time()
+        start = received_at if received_at else now
+        # The gateway's clock, not ours: a worker behind it must not defer later than the
+        # budget from now, only earlier (a deferral too late is an interaction failed).
+        self.delay = min(budget, max(0.0, start + budget - now))
         self._defer = defer
-        self._timer = threading.Timer(self._delay, self._fire)
+        self._timer = threading.Timer(self.delay, self._fire)
         self._timer.daemon = True
 
     def __enter__(self) -> AutoDefer:

@@ -56,6 +56,8 @@ REDIS_TIMEOUT: Final = 2.0
 # Interaction callback types (Discord's InteractionCallbackType).
 CHANNEL_MESSAGE_WITH_SOURCE: Final = 4
 DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE: Final = 5
+# A component's deferral: acknowledge, edit the message it sits on later (no "thinking...").
+DEFERRED_UPDATE_MESSAGE: Final = 6
 EPHEMERAL: Final = 1 << 6
 WAIT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 # Webhook and interaction tokens travel in the URL path, which httpx logs at INFO.
@@ -292,6 +294,13 @@ def _connection_failed(call: _Call, exc: httpx.TransportError, attempt: int) -> 
     ) from None
 
 
+def _deferral(*, ephemeral: bool, update: bool) -> tuple[int, dict[str, Any]]:
+    """The callback type and data of a deferral."""
+    if update:
+        return DEFERRED_UPDATE_MESSAGE, {}
+    return DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE, {"flags": EPHEMERAL} if ephemeral else {}
+
+
 def _message_body(content: str | None, fields: Mapping[str, Any]) -> dict[str, Any]:
     body: dict[str, Any] = dict(fields)
     if content is not None:
@@ -450,8 +459,11 @@ class Rest:
         initial.wait_deferred(interaction.id)
         self.follow_up(interaction, content, **data)
 
-    def defer(self, interaction: Interaction, *, ephemeral: bool = False) -> bool:
-        """Acknowledge now, answer later with ``follow_up`` (callback type 5).
+    def defer(
+        self, interaction: Interaction, *, ephemeral: bool = False, update: bool = False
+    ) -> bool:
+        """Acknowledge now, answer later with ``follow_up`` (callback type 5; with ``update``,
+        type 6 for a component whose message you will edit).
 
         False, and nothing sent, when the interaction was already answered or deferred.
         """
@@ -459,11 +471,7 @@ class Rest:
         if not initial.claim(interaction.id, DEFERRING):
             return False
         try:
-            self._callback(
-                interaction,
-                DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE,
-                {"flags": EPHEMERAL} if ephemeral else {},
-            )
+            self._callback(interaction, *_deferral(ephemeral=ephemeral, update=update))
         except BaseException:
             initial.release(interaction.id)
             raise
@@ -610,16 +618,14 @@ class AsyncRest:
         await asyncio.to_thread(initial.wait_deferred, interaction.id)
         await self.follow_up(interaction, content, **data)
 
-    async def defer(self, interaction: Interaction, *, ephemeral: bool = False) -> bool:
+    async def defer(
+        self, interaction: Interaction, *, ephemeral: bool = False, update: bool = False
+    ) -> bool:
         initial = self.initial_responses
         if not await asyncio.to_thread(initial.claim, interaction.id, DEFERRING):
             return False
         try:
-            await self._callback(
-                interaction,
-                DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE,
-                {"flags": EPHEMERAL} if ephemeral else {},
-            )
+            await self._callback(interaction, *_deferral(ephemeral=ephemeral, update=update))
         except BaseException:
             await asyncio.to_thread(initial.release, interaction.id)
             raise

@@ -19,7 +19,7 @@ from celery import Celery
 from ingest.ages import AGE_BUCKETS, start_ages
 from ingest.errors import ConfigError
 from ingest.handlers import current_event, event_handler
-from ingest.interactions import DEFAULT_BUDGET, budget_of
+from ingest.interactions import DEFAULT_BUDGET, AutoDefer, budget_of
 from ingest.messages import HEADER_RECEIVED_AT
 from ingest.models import Interaction
 from ingest.rest import AsyncRest, Rest, Settings
@@ -90,6 +90,27 @@ def test_respond_after_a_deferral_is_a_follow_up_and_defer_after_respond_sends_n
     assert callbacks(sim, str(deferred.id)) == [5]
     assert follow_ups(sim, "after the deferral") == ["after the deferral"]
     assert callbacks(sim, str(answered.id)) == [4]
+
+
+def test_a_component_is_deferred_as_an_update_of_its_message(sim: SimulatorThread) -> None:
+    # Type 5 would post a new "thinking..." message under a button; a component defers with 6.
+    settings = Settings(token=TOKEN, api_url=sim.api_url, state_url=redis_url(REDIS_DB))
+    with Rest(settings, namespace=uuid.uuid4().hex) as rest:
+        button = Interaction.model_validate({**interaction_payload("button"), "type": 3})
+        assert rest.defer(button, update=True) is True
+    assert callbacks(sim, str(button.id)) == [6]
+
+
+@pytest.mark.parametrize(("skew", "expected"), [(5.0, 2.0), (0.0, 2.0), (-1.5, 0.5), (-9.0, 0.0)])
+def test_auto_defer_never_waits_longer_than_its_budget_whatever_the_clocks(
+    skew: float, expected: float
+) -> None:
+    # received_at is the gateway's clock: a worker whose clock is behind (skew > 0) must not
+    # push the deferral past the 3 s window; an old event (skew < 0) defers sooner.
+    never = AutoDefer(Interaction.model_validate(interaction_payload("x")), 2.0, None, bool)
+    now = time.time()
+    timer = AutoDefer(never.interaction, 2.0, now + skew, bool)
+    assert timer.delay == pytest.approx(expected, abs=0.05)
 
 
 def test_auto_defer_budget_defaults_to_two_seconds_and_refuses_what_cannot_work() -> None:
