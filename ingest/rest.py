@@ -56,6 +56,11 @@ REDIS_TIMEOUT: Final = 2.0
 # Interaction callback types (Discord's InteractionCallbackType).
 CHANNEL_MESSAGE_WITH_SOURCE: Final = 4
 DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE: Final = 5
+# Discord's answer to a second initial response ("Interaction has already been acknowledged").
+ALREADY_ACKNOWLEDGED: Final = 40060
+# Claims of the initial response tried before falling back to a follow-up (a deferral that
+# failed gives its claim back, and the answer is then ours to send as the initial response).
+CLAIM_ATTEMPTS: Final = 3
 # A component's deferral: acknowledge, edit the message it sits on later (no "thinking...").
 DEFERRED_UPDATE_MESSAGE: Final = 6
 EPHEMERAL: Final = 1 << 6
@@ -447,16 +452,24 @@ class Rest:
         interaction never gets two initial responses (``ingest.interactions``).
         """
         initial = self.initial_responses
-        if initial.claim(interaction.id, RESPONDED):
-            try:
-                self._callback(
-                    interaction, CHANNEL_MESSAGE_WITH_SOURCE, _message_body(content, data)
-                )
-            except BaseException:
-                initial.release(interaction.id)
-                raise
-            return
-        initial.wait_deferred(interaction.id)
+        for _ in range(CLAIM_ATTEMPTS):
+            if initial.claim(interaction.id, RESPONDED):
+                try:
+                    self._callback(
+                        interaction, CHANNEL_MESSAGE_WITH_SOURCE, _message_body(content, data)
+                    )
+                except RestError as exc:
+                    if exc.code != ALREADY_ACKNOWLEDGED:
+                        initial.release(interaction.id)
+                        raise
+                    break  # answered behind our claim's back (Redis was away): follow up
+                except BaseException:
+                    initial.release(interaction.id)
+                    raise
+                return
+            if initial.wait_deferred(interaction.id) is not None:
+                break
+            # The deferral we waited for failed and gave its claim back: answer it ourselves.
         self.follow_up(interaction, content, **data)
 
     def defer(
@@ -606,16 +619,23 @@ class AsyncRest:
     ) -> None:
         # The same coordination as Rest.respond; its few Redis calls run in a thread.
         initial = self.initial_responses
-        if await asyncio.to_thread(initial.claim, interaction.id, RESPONDED):
-            try:
-                await self._callback(
-                    interaction, CHANNEL_MESSAGE_WITH_SOURCE, _message_body(content, data)
-                )
-            except BaseException:
-                await asyncio.to_thread(initial.release, interaction.id)
-                raise
-            return
-        await asyncio.to_thread(initial.wait_deferred, interaction.id)
+        for _ in range(CLAIM_ATTEMPTS):
+            if await asyncio.to_thread(initial.claim, interaction.id, RESPONDED):
+                try:
+                    await self._callback(
+                        interaction, CHANNEL_MESSAGE_WITH_SOURCE, _message_body(content, data)
+                    )
+                except RestError as exc:
+                    if exc.code != ALREADY_ACKNOWLEDGED:
+                        await asyncio.to_thread(initial.release, interaction.id)
+                        raise
+                    break
+                except BaseException:
+                    await asyncio.to_thread(initial.release, interaction.id)
+                    raise
+                return
+            if await asyncio.to_thread(initial.wait_deferred, interaction.id) is not None:
+                break
         await self.follow_up(interaction, content, **data)
 
     async def defer(

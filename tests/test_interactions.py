@@ -7,6 +7,7 @@ worker of the test's own app (tests/apps/interactions.py) -> REST back to the si
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from celery import Celery
 from ingest.ages import AGE_BUCKETS, start_ages
 from ingest.errors import ConfigError
 from ingest.handlers import current_event, event_handler
-from ingest.interactions import DEFAULT_BUDGET, AutoDefer, budget_of
+from ingest.interactions import DEFAULT_BUDGET, DEFERRING, AutoDefer, budget_of
 from ingest.messages import HEADER_RECEIVED_AT
 from ingest.models import Interaction
 from ingest.rest import AsyncRest, Rest, Settings
@@ -90,6 +91,34 @@ def test_respond_after_a_deferral_is_a_follow_up_and_defer_after_respond_sends_n
     assert callbacks(sim, str(deferred.id)) == [5]
     assert follow_ups(sim, "after the deferral") == ["after the deferral"]
     assert callbacks(sim, str(answered.id)) == [4]
+
+
+def test_respond_waiting_on_a_deferral_that_fails_answers_as_the_initial_response(
+    sim: SimulatorThread,
+) -> None:
+    # The auto-defer claimed the response, then its callback failed and gave the claim back:
+    # the handler's answer must go as the initial response, not a follow-up nothing anchors.
+    settings = Settings(token=TOKEN, api_url=sim.api_url, state_url=redis_url(REDIS_DB))
+    namespace = uuid.uuid4().hex
+    with Rest(settings, namespace=namespace) as rest:
+        pending = Interaction.model_validate(interaction_payload("c"))
+        initial = rest.initial_responses
+        assert initial.claim(pending.id, DEFERRING)  # a deferral in flight
+        waiting = threading.Event()
+        wait_deferred = initial.wait_deferred
+
+        def noting_the_wait(*args: Any, **kwargs: Any) -> bytes | None:
+            waiting.set()
+            return wait_deferred(*args, **kwargs)
+
+        initial.wait_deferred = noting_the_wait  # type: ignore[method-assign]
+        answering = threading.Thread(target=rest.respond, args=(pending, "in time"))
+        answering.start()
+        assert waiting.wait(5)  # respond found the deferral and waits for it
+        initial.release(pending.id)  # ...which failed
+        answering.join(10)
+    assert callbacks(sim, str(pending.id)) == [4]
+    assert follow_ups(sim, "in time") == []
 
 
 def test_a_component_is_deferred_as_an_update_of_its_message(sim: SimulatorThread) -> None:
