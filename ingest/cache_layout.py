@@ -49,6 +49,13 @@ def shard_key(shard_id: int, shard_count: int) -> str:
     return f"{PREFIX}:shard:{shard_count}:{shard_id}"
 
 
+def ready_key(shard_id: int, shard_count: int) -> str:
+    """Set at a shard's READY: the cache holds what that session started from. A stored
+    session whose shard has no such key (a cache turned on, flushed or moved) identifies
+    instead of resuming, since a resume would never bring the READY and GUILD_CREATEs back."""
+    return f"{PREFIX}:ready:{shard_count}:{shard_id}"
+
+
 def parse_kinds(text: str) -> frozenset[str]:
     """``INGEST_CACHE``: ``none``, or a comma list of ``guilds,channels,roles,members``."""
     text = text.strip().lower()

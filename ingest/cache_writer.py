@@ -30,6 +30,7 @@ from ingest.cache_layout import (
     channels_key,
     guild_key,
     members_key,
+    ready_key,
     roles_key,
     shard_key,
 )
@@ -247,7 +248,8 @@ class CacheWriter:
         ids = [str(g["id"]) for g in data.get("guilds") or ()]
         mark = "1" if "guilds" in self.kinds else "0"
         commands: list[Command] = [
-            ("EVAL", _READY, 1, shard_key(shard_id, shard_count), PREFIX, mark, *ids)
+            ("EVAL", _READY, 1, shard_key(shard_id, shard_count), PREFIX, mark, *ids),
+            ("SET", ready_key(shard_id, shard_count), "1"),
         ]
         user = data.get("user")
         if isinstance(user, dict):
@@ -436,6 +438,16 @@ class CacheWriter:
 
     def published(self) -> None:
         self._staged = []
+
+    async def filled(self, shard_id: int, shard_count: int) -> bool:
+        """Whether the cache holds a READY of this shard (see ``ready_key``); True when Redis
+        does not answer, so a cache outage never costs a session."""
+        if self._client is None:
+            self._client = async_redis_client(self.url)
+        try:
+            return bool(await self._client.exists(ready_key(shard_id, shard_count)))
+        except (RedisError, OSError):
+            return True
 
     async def ping(self) -> bool:
         """Whether the cache's Redis answers (always, when the cache rides the broker)."""

@@ -159,6 +159,15 @@ class GatewayProcess:
         resumable = {
             shard_id: await self.store.load(shard_id, shard_count) for shard_id in shard_ids
         }
+        if self.cache is not None:
+            for shard_id, state in resumable.items():
+                if state is not None and not await self.cache.filled(shard_id, shard_count):
+                    log.info(
+                        "shard %d: the cache holds nothing of its session; identifying "
+                        "instead of resuming, so READY and GUILD_CREATEs fill it",
+                        shard_id,
+                    )
+                    resumable[shard_id] = None
         to_identify = sum(1 for state in resumable.values() if state is None)
         scheduler = self._identify_scheduler(max_concurrency)
         if start_limit is not None:

@@ -259,3 +259,37 @@ def test_ingest_cache_none_writes_nothing(broker: str, data_dir: Path) -> None:
             gateway.kill()
     assert list(client.scan_iter(match="ingest:cache:*")) == []
     client.close()
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(120)
+def test_a_gateway_whose_cache_is_empty_identifies_instead_of_resuming(
+    broker: str, data_dir: Path
+) -> None:
+    # A resume never brings READY and the GUILD_CREATEs back: a session stored while the cache
+    # was off (or before Redis was flushed) must start anew, or the cache stays empty.
+    cache = Cache.from_env({"INGEST_STATE_URL": broker})
+    client = redis.Redis.from_url(broker)
+    with SimulatorThread(guilds_per_shard=2, guild_size_kb=4) as sim:
+        guild = int(_guild_id(0, 0, 1))
+        try:
+            for cache_setting, expect in (("none", "resume"), ("", "identify"), ("", "resume")):
+                identified = len(sim.identify_log)
+                resumed = len(sim.resume_log)
+                extra = {"INGEST_CACHE": cache_setting} if cache_setting else {}
+                gateway = gateway_process(_env(sim, broker, data_dir, **extra))
+                try:
+                    gateway.wait_for_line("all 1 shards ready", timeout=30)
+                    if cache_setting != "none":
+                        _wait(lambda: cache.guild(guild) is not None, 30, "the guild", gateway)
+                    assert gateway.stop() == 0
+                finally:
+                    gateway.kill()
+                if expect == "identify":
+                    assert len(sim.identify_log) == identified + 1, gateway.text()[-2000:]
+                    assert "identifying instead of resuming" in gateway.text()
+                elif identified:  # the first run of all identifies; later ones resume
+                    assert len(sim.resume_log) == resumed + 1, gateway.text()[-2000:]
+        finally:
+            cache.close()
+            client.close()
