@@ -106,8 +106,9 @@ return dropped
 
 # Merge a partial member into the stored one, top-level key by key: fields the event did not
 # carry keep their stored value. The event's member is kept as the JSON text it came as; only
-# the stored fields it lacks are re-encoded and appended (cjson turns an empty array into an
-# empty table: the only such member field is ``roles``, so an empty table is written as []).
+# the stored fields it lacks are re-encoded and appended (cjson decodes [] and {} alike into an
+# empty table: the only member field that is a list is ``roles``, so an empty table is written
+# back as [] there and as {} elsewhere, e.g. ``avatar_decoration_data``).
 # KEYS[1]: the guild's members hash. ARGV: user id, the member's JSON object.
 _MERGE_MEMBER: Final = """
 local text = ARGV[2]
@@ -121,7 +122,11 @@ if old then
     for k, v in pairs(stored) do
       if fresh[k] == nil then
         local value
-        if type(v) == 'table' and next(v) == nil then value = '[]' else value = cjson.encode(v) end
+        if type(v) == 'table' and next(v) == nil then
+          if k == 'roles' then value = '[]' else value = '{}' end
+        else
+          value = cjson.encode(v)
+        end
         kept[#kept + 1] = cjson.encode(k) .. ':' .. value
       end
     end

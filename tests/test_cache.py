@@ -158,6 +158,24 @@ def test_member_update_and_message_member_merge_into_the_stored_member(
     assert cache.user(uid) is not None  # a user may be in other guilds
 
 
+def test_a_merge_keeps_an_empty_object_an_object(url: str, cache: Cache) -> None:
+    # Lua's cjson reads [] and {} alike; a stored {} written back as [] made the member fail
+    # validation in every handler that read it.
+    writer = CacheWriter(url, ALL)
+    data = guild(GID)
+    data["members"][0]["avatar_decoration_data"] = {}
+    data["members"][0]["roles"] = []
+    feed(url, writer, "GUILD_CREATE", data)
+    user = data["members"][0]["user"]
+    message = sample_message_create(2, guild_id=GID)
+    message["author"] = user
+    message["member"] = {"nick": "merged"}
+    feed(url, writer, "MESSAGE_CREATE", message)
+    member = cache.member(int(GID), int(user["id"]))
+    assert member is not None and member.nick == "merged" and member.roles == []
+    assert member.avatar_decoration_data is not None  # {} read back as an object
+
+
 def test_channels_threads_and_roles_follow_their_events(url: str, cache: Cache) -> None:
     writer = CacheWriter(url, DEFAULT_KINDS)
     data = guild(GID)
