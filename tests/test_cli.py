@@ -291,6 +291,9 @@ def test_procfile_dev_runs_the_loop_and_stops_within_honchos_5_s() -> None:
             assert said.returncode == 0, said.stderr
             loop.wait_for_line("demo app saw message", timeout=30)
             assert "'!hello'" in next(x for x in loop.output() if "demo app saw message" in x)
+            # The handler's REST reply reached the simulator and came back as an event: the
+            # workers of the loop have the token and API URL the gateway has.
+            loop.wait_for_line("'Hello from the demo app!'", timeout=30)
             started = time.monotonic()
             loop.signal(signal.SIGINT)  # Ctrl-C
             loop.popen.wait(timeout=30)
