@@ -10,6 +10,8 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any, Final
 
+from ingest.metrics import cumulative_buckets
+
 AGE_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 10.0, 60.0)
 
 
@@ -38,11 +40,7 @@ class StartAges:
             labels=["event"],
         )
         for event, counts in sorted(self.buckets.items()):
-            cumulative, buckets = 0, []
-            for bound, count in zip((*(repr(b) for b in AGE_BUCKETS), "+Inf"), counts, strict=True):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            family.add_metric([event], buckets, self.sums[event])
+            family.add_metric([event], cumulative_buckets(AGE_BUCKETS, counts), self.sums[event])
         yield family
 
 

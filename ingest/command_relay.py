@@ -34,6 +34,7 @@ from ingest.commands import (
 from ingest.errors import CommandError
 from ingest.gateway import Gateway
 from ingest.logs import throttled
+from ingest.metrics import cumulative_buckets
 from ingest.protocol import Opcode
 from ingest.session import GUILD_MEMBERS_INTERVAL, Session, State
 
@@ -187,16 +188,10 @@ class CommandMetrics:
             for (op, shard), value in sorted(counts.items()):
                 family.add_metric([str(op), str(shard)], value)
             yield family
-        cumulative, buckets = 0, []
-        for bound, count in zip(
-            (*(repr(b) for b in WAIT_BUCKETS), "+Inf"), self.wait_buckets, strict=True
-        ):
-            cumulative += count
-            buckets.append((bound, cumulative))
         yield HistogramMetricFamily(
             "discord_ingest_command_wait_seconds",
             "A command's issue (caller's clock) to its send on the shard",
-            buckets=buckets,
+            buckets=cumulative_buckets(WAIT_BUCKETS, self.wait_buckets),
             sum_value=self.wait_sum,
         )
 

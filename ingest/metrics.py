@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from bisect import bisect_left
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from ingest.brokers import is_redis_url, redis_py_url
@@ -42,6 +42,16 @@ QUEUE_DEPTH_TIMEOUT: Final = 1.0
 
 ShardReader = Callable[[], list[dict[str, Any]]]
 QueueDepthReader = Callable[[], Mapping[str, int]]
+
+
+def cumulative_buckets(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, int]]:
+    """Prometheus histogram buckets (upper bound, cumulative count) from per-bucket counts; the
+    last count is the +Inf bucket's."""
+    cumulative, buckets = 0, []
+    for bound, count in zip((*(repr(b) for b in bounds), "+Inf"), counts, strict=True):
+        cumulative += count
+        buckets.append((bound, cumulative))
+    return buckets
 
 
 class Metrics:
@@ -150,16 +160,10 @@ class Metrics:
             "Uncommitted events dropped in a broker outage (replayed by Discord)",
             value=self.events_shed,
         )
-        cumulative, buckets = 0, []
-        for bound, count in zip(
-            (*(repr(b) for b in LATENCY_BUCKETS), "+Inf"), self.publish_latency_buckets, strict=True
-        ):
-            cumulative += count
-            buckets.append((bound, cumulative))
         yield HistogramMetricFamily(
             "discord_ingest_publish_latency_seconds",
             "Receipt of a dispatch to the broker accepting its task",
-            buckets=buckets,
+            buckets=cumulative_buckets(LATENCY_BUCKETS, self.publish_latency_buckets),
             sum_value=self.publish_latency_sum,
         )
         recent = GaugeMetricFamily(

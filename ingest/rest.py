@@ -26,6 +26,7 @@ from ingest.brokers import state_url_from_env
 from ingest.discovery import DEFAULT_API_URL
 from ingest.errors import ConfigError, RestError
 from ingest.interactions import DEFERRED, DEFERRING, RESPONDED, InitialResponses
+from ingest.metrics import cumulative_buckets
 from ingest.models import Interaction, Message
 from ingest.ratelimit import (
     DEFAULT_GLOBAL_LIMIT,
@@ -134,16 +135,10 @@ class RestMetrics(WaitObserver):
             "401/403/429 by the whole bot in the last 10 minutes (as last seen)",
             value=self.invalid_in_window,
         )
-        cumulative, buckets = 0, []
-        for bound, count in zip(
-            (*(repr(b) for b in WAIT_BUCKETS), "+Inf"), self.wait_buckets, strict=True
-        ):
-            cumulative += count
-            buckets.append((bound, cumulative))
         yield HistogramMetricFamily(
             "discord_ingest_rest_limiter_wait_seconds",
             "Time a request waited for the shared rate limiter",
-            buckets=buckets,
+            buckets=cumulative_buckets(WAIT_BUCKETS, self.wait_buckets),
             sum_value=self.wait_sum,
         )
 
