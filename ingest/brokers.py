@@ -214,6 +214,20 @@ def redis_tls_options(url: str) -> dict[str, Any] | None:
     return options
 
 
+def sync_redis(url: str, *, timeout: float) -> redis.Redis:
+    """A redis-py client for ``url`` (any spelling above, TLS options included), waiting at most
+    ``timeout`` to connect and for each reply: how the bot side (workers, scripts) reaches the
+    state Redis."""
+    return redis.Redis.from_url(
+        redis_py_url(url), socket_timeout=timeout, socket_connect_timeout=timeout
+    )
+
+
+def embedded_broker_answers(data_dir: Path | str) -> bool:
+    """Whether the embedded broker of ``data_dir`` runs and answers."""
+    return _answers(embedded_socket(data_dir))
+
+
 def redact_url(url: str) -> str:
     """``url`` without its password (hosted Redis URLs carry one)."""
     parts = urlsplit(url)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import orjson
 import redis
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
+from ingest.brokers import sync_redis
 from ingest.cache_layout import (
     GLOBAL_CHANNEL_INDEX,
     THREAD_TYPES,
@@ -25,11 +26,13 @@ from ingest.cache_layout import (
     channels_key,
     guild_key,
     members_key,
-    redis_client,
     roles_key,
 )
 from ingest.errors import ConfigError
 from ingest.models import Channel, Guild, GuildMember, Role, User
+
+# A handler waits at most this long for a cache read (connect and reply).
+REDIS_TIMEOUT: Final = 10.0
 
 M = TypeVar("M", bound=BaseModel)
 # What redis-py hands back (bytes here: the clients do not decode responses).
@@ -90,7 +93,7 @@ class Cache:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Cache:
-        return cls(redis_client(_url(env)))
+        return cls(sync_redis(_url(env), timeout=REDIS_TIMEOUT))
 
     def guild(self, guild_id: int) -> Guild | None:
         """The guild's own fields (``unavailable`` among its extras during an outage)."""

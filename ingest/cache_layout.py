@@ -10,7 +10,6 @@ import os
 from collections.abc import Mapping
 from typing import Final
 
-import redis
 import redis.asyncio as aioredis
 
 from ingest.brokers import async_redis, redis_py_url, state_url_from_env
@@ -79,11 +78,6 @@ def cache_url_from_env(env: Mapping[str, str] | None = None) -> str | None:
     env = os.environ if env is None else env
     url = state_url_from_env(env)
     return None if url is None else redis_py_url(url)
-
-
-# The one place the cache builds Redis clients (TLS options belong here when rediss:// needs them).
-def redis_client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10)
 
 
 def async_redis_client(url: str) -> aioredis.Redis:

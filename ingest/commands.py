@@ -18,7 +18,7 @@ import orjson
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ingest.brokers import state_url_from_env
+from ingest.brokers import state_url_from_env, sync_redis
 from ingest.errors import CommandError, ConfigError, NotConnected, PayloadTooLarge
 from ingest.models import Snowflake
 from ingest.protocol import MAX_PAYLOAD_BYTES, Opcode
@@ -189,13 +189,6 @@ def decode_command(raw: bytes) -> QueuedCommand:
         raise ValueError(f"not a gateway command: {exc!r}") from None
 
 
-def redis_client(url: str) -> redis.Redis:
-    """The one place this module builds its Redis client (TLS and friends belong here)."""
-    return redis.Redis.from_url(
-        url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # The client
 
@@ -215,7 +208,7 @@ class Commands:
                 "gateway commands need the bot's state Redis: set INGEST_STATE_URL to a "
                 "redis:// URL (the broker is not Redis)"
             )
-        return cls(redis_client(url))
+        return cls(sync_redis(url, timeout=REDIS_TIMEOUT))
 
     def close(self) -> None:
         self._redis.close()

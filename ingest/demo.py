@@ -17,7 +17,12 @@ from typing import IO, Final
 
 import redis
 
-from ingest.brokers import embedded_socket, ensure_embedded_broker, stop_embedded_broker
+from ingest.brokers import (
+    embedded_broker_answers,
+    embedded_socket,
+    ensure_embedded_broker,
+    stop_embedded_broker,
+)
 from ingest.store import KEY_PREFIX
 from ingest.testing.processes import SETTING_PREFIXES, free_port
 from ingest.testing.simulator import DEFAULT_TOKEN
@@ -54,19 +59,6 @@ def forget_sessions(data_dir: Path) -> int:
         client.close()
 
 
-def _broker_answers(data_dir: Path) -> bool:
-    sock = embedded_socket(data_dir)
-    if not sock.exists():
-        return False
-    client = redis.Redis(unix_socket_path=str(sock), socket_timeout=1, socket_connect_timeout=1)
-    try:
-        return bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
-    finally:
-        client.close()
-
-
 def demo_env(port: int, data_dir: Path) -> dict[str, str]:
     env = {
         k: v
@@ -97,7 +89,7 @@ def run_demo(
 ) -> int:
     port = free_port()
     data_dir = data_dir.resolve()
-    started_broker = not _broker_answers(data_dir)
+    started_broker = not embedded_broker_answers(data_dir)
     ensure_embedded_broker(data_dir)
     forgotten = forget_sessions(data_dir)
     env = demo_env(port, data_dir)

@@ -33,7 +33,7 @@ from ingest.brokers import (
     REDIS_SCHEMES,
     ensure_broker_running,
     explain_worker_broker_errors,
-    redis_py_url,
+    sync_redis,
 )
 from ingest.config import exit_on_bad_broker_url
 from ingest.errors import ConfigError
@@ -545,9 +545,7 @@ class _Dedupe:
 
     def __init__(self, url: str, ttl: int) -> None:
         self.ttl = ttl
-        self.client = redis.Redis.from_url(
-            redis_py_url(url), socket_timeout=5, socket_connect_timeout=5
-        )
+        self.client = sync_redis(url, timeout=5)
 
     def claim(self, request: Any) -> bool:
         key = DEDUPE_KEY_PREFIX + request.id

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Final
 
 import redis
 
+from ingest.brokers import sync_redis
 from ingest.errors import ConfigError
 
 log = logging.getLogger("ingest.interactions")
@@ -41,13 +42,6 @@ DEFERRAL_WAIT: Final = 5.0
 REDIS_TIMEOUT: Final = 2.0
 
 
-def state_redis(url: str) -> redis.Redis:
-    """The one place this module builds a Redis client (the lead may point it at a shared one)."""
-    return redis.Redis.from_url(
-        url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
-    )
-
-
 class InitialResponses:
     """Per interaction id, who sent (or is sending) the initial response: ``SET NX`` claims it.
 
@@ -64,7 +58,7 @@ class InitialResponses:
     def _redis(self) -> redis.Redis:
         # Per process: a forked prefork child must not share its parent's socket.
         if self._client is None or self._client[0] != os.getpid():
-            self._client = (os.getpid(), state_redis(self._url))
+            self._client = (os.getpid(), sync_redis(self._url, timeout=REDIS_TIMEOUT))
         return self._client[1]
 
     def claim(self, interaction_id: int | str, state: bytes) -> bool:

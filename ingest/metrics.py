@@ -14,7 +14,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
-from ingest.brokers import is_redis_url, redis_py_url
+from ingest.brokers import is_redis_url, sync_redis
 
 log = logging.getLogger("ingest.metrics")
 
@@ -286,12 +286,9 @@ def redis_queue_depths(
     """
     if not is_redis_url(url):
         return None
-    import redis
 
     names = sorted(set(queues))
-    client = redis.Redis.from_url(
-        redis_py_url(url), socket_timeout=timeout, socket_connect_timeout=timeout
-    )
+    client = sync_redis(url, timeout=timeout)
 
     def read() -> Mapping[str, int]:
         pipe = client.pipeline(transaction=False)

@@ -22,7 +22,7 @@ import httpx
 import redis
 import redis.asyncio
 
-from ingest.brokers import state_url_from_env
+from ingest.brokers import state_url_from_env, sync_redis
 from ingest.discovery import DEFAULT_API_URL
 from ingest.errors import ConfigError, RestError
 from ingest.interactions import DEFERRED, DEFERRING, RESPONDED, InitialResponses
@@ -337,11 +337,7 @@ class Rest:
     ) -> None:
         self.api_url = settings.api_url.rstrip("/")
         if limiter is None:
-            client = redis.Redis.from_url(
-                settings.state_url,
-                socket_timeout=REDIS_TIMEOUT,
-                socket_connect_timeout=REDIS_TIMEOUT,
-            )
+            client = sync_redis(settings.state_url, timeout=REDIS_TIMEOUT)
             limiter = RateLimiter(client, *settings.limiter_parts(namespace))
         self.limiter = limiter
         self.initial_responses = InitialResponses(settings.state_url, namespace)
