@@ -43,8 +43,8 @@ from tests.support import redis_url
 REDIS_DB = 6  # this file's own database on the shared Redis (see conftest)
 SESSION = "cafebabecafebabecafebabecafebabe"
 
-# The test's own Celery app and handlers (the bot's app is ``tasks.app``; yours would import
-# ``from tasks import app, on`` and your handler module instead). Give the app its broker up
+# The test's own Celery app and handlers, never the bot's shipped examples (a user deletes
+# those); a bot's own tests would use its app and its handler modules. Give the app its broker up
 # front: Celery keeps the first connection pool it makes, even in eager mode, and the default
 # broker (amqp://localhost) would be the wrong one later.
 app = Celery("handlers_example", broker=redis_url(REDIS_DB), set_as_current=False)
@@ -83,7 +83,7 @@ def count_guild(guild: GuildCreate) -> None:
     log.info("guild %s joined (%s)", guild.id, guild.name)
 
 
-# Consume every handled event's queue (what tasks/__init__.py does for the bot's app).
+# Consume every handled event's queue (what the bot's app module does for its app).
 app.conf.task_queues = queues_for(app)
 # The event's own task: what the gateway publishes; it runs every handler of the event.
 message_create = app.tasks["discord.MESSAGE_CREATE"]
