@@ -15,7 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 from pydantic import ValidationError
@@ -48,15 +48,15 @@ class _Entry:
     message: TaskMessage | None  # None: nothing to publish, only a sequence to pass
     received_at: float
     cache: list[Command] | None = None  # written before the message is published
+    # Bytes held: the task body and the cache commands (a GUILD_CREATE no handler wants still
+    # carries the whole guild for the cache). Counted once, added on hold, taken on publish.
+    weight: int = field(init=False)
 
-    @property
-    def weight(self) -> int:
-        """Bytes this entry holds: its task body and its cache commands (a GUILD_CREATE no
-        handler wants still carries the whole guild for the cache)."""
+    def __post_init__(self) -> None:
         size = 0 if self.message is None else len(self.message.body)
         for command in self.cache or ():
             size += sum(len(part) for part in command if isinstance(part, bytes | str))
-        return size
+        self.weight = size
 
 
 class Pipeline:
